@@ -1,0 +1,37 @@
+"""Counters and gauges the engine keeps; the metrics module reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    # gauges
+    num_waiting: int = 0
+    num_running: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0  # blocks held by requests (cached-but-free blocks do not count)
+    lora_slots_total: int = 0
+    lora_slots_used: int = 0
+    adapters_resident: int = 0
+    adapters_cached: int = 0
+    adapters_registered: int = 0
+    # counters (monotonic since start)
+    num_steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up
+    prefix_cache_hits: int = 0  # prompt tokens found
+    adapter_loads: int = 0
+    adapter_load_seconds: float = 0.0
+    adapter_evictions: int = 0
+    requests_by_adapter: dict[str, int] = field(default_factory=dict)
+    tokens_by_adapter: dict[str, int] = field(default_factory=dict)
+    last_step_started: float = 0.0  # monotonic; 0 = idle
+    loop_alive: bool = False
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
