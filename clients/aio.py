@@ -1,0 +1,103 @@
+"""An asyncio client of ``loraplex.v1.InferenceService``.
+
+    async with AsyncClient("localhost:50051") as client:
+        async for chunk in client.generate_stream(pb.GenerateRequest(prompt="hi")):
+            print(chunk.text, end="")
+
+Errors surface unwrapped as ``grpc.aio.AioRpcError`` (``.code()``, ``.details()``).
+Leaving a ``generate_stream`` loop early cancels the call, and the server aborts the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loraplex.clients.common import (
+    HEALTH_SERVICE,
+    GenerateResult,
+    Metadata,
+    call_metadata,
+    channel_credentials,
+    load_request,
+)
+from loraplex.clients.v1 import inference_pb2 as pb
+from loraplex.clients.v1 import inference_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    """One channel to a loraplex server; ``token`` is sent as ``authorization: Bearer``."""
+
+    def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
+                 private_key: bytes | None = None, certificate_chain: bytes | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None) -> None:
+        creds = channel_credentials(root_certificates, private_key, certificate_chain)
+        opts = list(options or ())
+        if creds is None:
+            self.channel = grpc.aio.insecure_channel(target, options=opts)
+        else:
+            self.channel = grpc.aio.secure_channel(target, creds, options=opts)
+        self.target = target
+        self._token = token
+        self.stub = pb_grpc.InferenceServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def generate_stream(self, request: pb.GenerateRequest, *, timeout: float | None = None,
+                              metadata: Metadata | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """The Generate stream's messages; the last has ``finished`` set."""
+        call = self.stub.Generate(request, timeout=timeout, metadata=call_metadata(self._token, metadata))
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
+
+    async def generate(self, request: pb.GenerateRequest, *, timeout: float | None = None,
+                       metadata: Metadata | None = None) -> GenerateResult:
+        """The whole stream folded into one result."""
+        result = GenerateResult()
+        async for chunk in self.generate_stream(request, timeout=timeout, metadata=metadata):
+            result.add(chunk)
+        return result
+
+    async def load_adapter(self, name: str, source: str, revision: str = "", replace: bool = False,
+                           pin: bool = False, *, timeout: float | None = None,
+                           metadata: Metadata | None = None) -> pb.AdapterInfo:
+        response = await self.stub.LoadAdapter(load_request(name, source, revision, replace, pin),
+                                               timeout=timeout, metadata=call_metadata(self._token, metadata))
+        return response.adapter
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = None,
+                             metadata: Metadata | None = None) -> None:
+        await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), timeout=timeout,
+                                      metadata=call_metadata(self._token, metadata))
+
+    async def list_adapters(self, *, timeout: float | None = None,
+                            metadata: Metadata | None = None) -> list[pb.AdapterInfo]:
+        response = await self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=timeout,
+                                                metadata=call_metadata(self._token, metadata))
+        return list(response.adapters)
+
+    async def server_info(self, *, timeout: float | None = None,
+                          metadata: Metadata | None = None) -> pb.GetServerInfoResponse:
+        return await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout,
+                                             metadata=call_metadata(self._token, metadata))
+
+    async def health(self, service: str = HEALTH_SERVICE, *, timeout: float | None = 5.0) -> bool:
+        """True when the server's health service says SERVING; RPC errors propagate."""
+        response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
+                                            metadata=call_metadata(self._token, None))
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
