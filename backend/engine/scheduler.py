@@ -1,0 +1,164 @@
+"""Continuous batching with a per-step token budget, chunked prefill, preemption by
+recompute, FCFS or priority order, and adapter admission (at most ``max_loras``
+distinct adapters per step). Pure Python: its one output is ``SchedulerOutput``."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from loraplex.backend.config import SchedulerConfig
+from loraplex.backend.engine.kv_cache import KVCacheManager
+from loraplex.backend.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run this step
+
+    @property
+    def samples(self) -> bool:
+        """True when this step's chunk reaches the end of the sequence's tokens."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    """Everything the runner needs for one step."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, max_loras: int):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.max_loras = max_loras
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._counter = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- queue
+    def add(self, seq: Sequence) -> None:
+        seq.arrival_index = next(self._counter)
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+        self._sort_waiting()
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished or aborted sequence and frees its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        self.kv.free_seq(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, budget)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or budget <= 0:
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate(seq, n):
+                victim = self._pick_victim()
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        adapters = {s.adapter_key for s in self.running if s.adapter_key is not None}
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if seq.adapter_key is not None and seq.adapter_key not in adapters \
+                    and len(adapters) >= self.max_loras:
+                continue  # adapter admission: wait for a slot; others may go ahead
+            cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            num_cached = len(cached) * self.kv.block_size
+            n = seq.num_tokens - seq.num_computed_tokens - num_cached
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.kv.allocate(seq, n, cached):
+                break
+            self._admit(seq, num_cached)
+            if seq.adapter_key is not None:
+                adapters.add(seq.adapter_key)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+
+    def _admit(self, seq: Sequence, num_cached: int) -> None:
+        self.waiting.remove(seq)
+        seq.num_computed_tokens += num_cached
+        if seq.num_cached_tokens < 0:  # first admission: report prompt cache hits
+            seq.num_cached_tokens = num_cached
+            self.kv.record_prefix_lookup(seq.num_prompt_tokens, num_cached)
+        seq.status = Status.RUNNING
+        if not seq.timings.first_scheduled:
+            seq.timings.first_scheduled = time.monotonic()
+        self.running.append(seq)
+
+    # ---- preemption
+    def _pick_victim(self) -> Sequence:
+        if self.config.policy == "priority":
+            return max(self.running, key=lambda s: (s.priority, s.arrival_index))
+        return self.running[-1]
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Preemption by recompute: drop the KV, keep the tokens, requeue at the front."""
+        self.running.remove(seq)
+        self.kv.free_seq(seq)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(seq)
+        self._sort_waiting()
+        out.preempted.append(seq)
+        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+
+    def _sort_waiting(self) -> None:
+        if self.config.policy == "priority":
+            self.waiting.sort(key=lambda s: (s.priority, s.arrival_index))
+        else:
+            self.waiting.sort(key=lambda s: s.arrival_index)
+
+    # ---- after the runner
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advances computed tokens and publishes newly full blocks in the prefix cache."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(item.seq)
+
+    def iter_seqs(self) -> Iterable[Sequence]:
+        return itertools.chain(self.running, self.waiting)

@@ -1,0 +1,98 @@
+"""Small layers shared by the model files: RMSNorm, rotary embedding, SiLU-gated MLP activation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding with HF's rope types (default, linear, llama3, yarn, ...).
+
+    cos/sin are precomputed for every position up to ``max_positions``.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+        super().__init__()
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.float())  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
+        self.head_dim = head_dim
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated q, k (same dtype)."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """The model's rope settings as one dict (transformers 4.x ``rope_scaling`` or 5.x ``rope_parameters``)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return dict(params)
+    params = dict(getattr(hf_config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    return params
+
+
+def build_rope(hf_config: Any, head_dim: int, max_positions: int) -> RotaryEmbedding:
+    params = rope_parameters(hf_config)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params["rope_theta"])
+    partial = float(getattr(hf_config, "partial_rotary_factor", 1.0))
+    dim = int(head_dim * partial)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = 1.0
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif rope_type != "default":
+        inv_freq, scaling = _hf_rope(hf_config, rope_type)
+    return RotaryEmbedding(head_dim, max_positions, inv_freq, scaling)
+
+
+def _hf_rope(hf_config: Any, rope_type: str) -> tuple[torch.Tensor, float]:
+    """Other rope types (llama3, yarn, longrope, dynamic...) through transformers' own init functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        from loraplex.backend.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; known: {sorted(ROPE_INIT_FUNCTIONS)}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq, float(scaling) if not isinstance(scaling, torch.Tensor) else float(scaling.item())
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,47 @@
+"""Per-step metadata that layers read: attention over the paged cache and LoRA rows.
+
+The model files know nothing of batching; the runner sets this context around
+each forward (nano-vllm style).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionMeta:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    seq_lens: torch.Tensor  # [B] int64: context length after this step
+    query_lens: torch.Tensor  # [B] int64: new tokens this step
+    query_index: torch.Tensor  # [T] int64: b * max_query_len + i
+    max_query_len: int
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMeta
+    lora: Any = None  # kernels.lora.LoRABatchMeta, or None when no row uses an adapter
+
+
+_CONTEXT: ForwardContext | None = None
+
+
+def get_context() -> ForwardContext:
+    assert _CONTEXT is not None, "forward called outside of a forward context"
+    return _CONTEXT
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext):  # type: ignore[no-untyped-def]
+    global _CONTEXT
+    previous, _CONTEXT = _CONTEXT, ctx
+    try:
+        yield ctx
+    finally:
+        _CONTEXT = previous
