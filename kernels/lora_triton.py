@@ -196,19 +196,19 @@ def _outs(out_slices: Sequence[int]) -> tuple[int, int, int]:
 
 
 def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                max_seg_len: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+                max_seg_len: int, buf: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
     """SGMV shrink: ``buf[T, N] (float32)`` from ``x[T, H_in]`` and ``lora_a[S, N, H_in]``.
 
     for g in range(num_segs):                    # seg_starts [num_segs+1], seg_slots [num_segs]
         s, e, slot = seg_starts[g], seg_starts[g+1], seg_slots[g]
         buf[s:e] = x[s:e].float() @ lora_a[slot].float().T if slot >= 0 else 0
-    max_seg_len >= every e - s (sizes the launch).
+    max_seg_len >= every e - s (sizes the launch); split_k overrides the split-K heuristic.
     """
     h_in, n = x.shape[1], lora_a.shape[1]
     block_m, block_n, block_k = _block_m(max_seg_len), min(64, _pow2(n)), 64
     m_blocks = triton.cdiv(max(max_seg_len, 1), block_m)
     grid_mn = (seg_slots.shape[0] * m_blocks, triton.cdiv(n, block_n))
-    split_k = _split_k(grid_mn[0] * grid_mn[1], h_in, block_k)
+    split_k = split_k or _split_k(grid_mn[0] * grid_mn[1], h_in, block_k)
     buf = _shrink_buf(x, n, buf, split_k)
     if grid_mn[0] == 0:
         return buf
@@ -221,17 +221,18 @@ def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
-                buf: torch.Tensor | None = None) -> torch.Tensor:
+                buf: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
     """BGMV shrink: ``buf[T, N] (float32)`` from ``x[T, H_in]``, ``lora_a[S, N, H_in]``, ``token_slots[>=T]``.
 
     for t in range(T):
         s = token_slots[t]
         buf[t] = lora_a[s].float() @ x[t].float() if s >= 0 else 0
+    split_k overrides the split-K heuristic.
     """
     t_num, h_in, n = x.shape[0], x.shape[1], lora_a.shape[1]
     block_n, block_k = min(32, _pow2(n)), 256
     grid_tn = (t_num, triton.cdiv(n, block_n))
-    split_k = _split_k(grid_tn[0] * grid_tn[1], h_in, block_k)
+    split_k = split_k or _split_k(grid_tn[0] * grid_tn[1], h_in, block_k)
     buf = _shrink_buf(x, n, buf, split_k)
     if t_num == 0:
         return buf

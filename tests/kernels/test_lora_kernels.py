@@ -1,0 +1,261 @@
+"""Triton SGMV/BGMV LoRA kernels against their float32 torch references.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1,
+set before triton is imported); with CUDA they run natively at the same small shapes.
+Two sweeps, as in Punica: how tokens spread over adapters (x dtype), then batch sizes and ranks.
+The GPU file imports the case builders from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from loraplex.kernels import lora, lora_torch  # noqa: E402
+from loraplex.kernels.lora import LoRABatchMeta, add_lora  # noqa: E402
+
+lora_triton = pytest.importorskip("loraplex.kernels.lora_triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# y after expand is rounded to its dtype once; the kernels differ from the reference by about 1 ulp.
+TOLS = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+}
+BUF_TOL = dict(atol=1e-3, rtol=1e-3)  # shrink accumulates exact products in float32 for every dtype
+DISTRIBUTIONS = ["distinct", "uniform", "zipf", "identical", "with_base"]
+GUARD = 8  # NaN columns right of y: a write past the last slice shows up
+
+
+@dataclass
+class Case:
+    """One fused layer's LoRA inputs: x [T, H_in] (a strided view), y_full [T, O + GUARD]."""
+
+    x: torch.Tensor
+    y_full: torch.Tensor  # y [T, O] is its left part; the GUARD columns on the right are NaN
+    lora_a: torch.Tensor  # [S, n*R, H_in]
+    lora_b: torch.Tensor  # [S, O, R]
+    scales: torch.Tensor  # [S] float32
+    ranks: list[int]  # [S] true rank of each slot
+    out_slices: list[int]
+    meta: LoRABatchMeta
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.y_full[:, :sum(self.out_slices)]
+
+    def fresh_y(self) -> torch.Tensor:
+        """A copy of y that is again a strided view left of NaN guard columns."""
+        return self.y_full.clone()[:, :sum(self.out_slices)]
+
+
+def request_slots(dist: str, num_requests: int, num_slots: int, gen: torch.Generator) -> list[int]:
+    """One adapter slot per request (-1 = base model)."""
+    if dist == "distinct":
+        assert num_slots >= num_requests
+        return torch.randperm(num_slots, generator=gen)[:num_requests].tolist()
+    if dist == "identical":
+        return [int(torch.randint(num_slots, (1,), generator=gen))] * num_requests
+    if dist == "zipf":
+        weights = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.5
+        return torch.multinomial(weights, num_requests, replacement=True, generator=gen).tolist()
+    slots = torch.randint(num_slots, (num_requests,), generator=gen)
+    if dist == "with_base":
+        slots[torch.rand(num_requests, generator=gen) < 0.4] = -1
+    return slots.tolist()
+
+
+def token_slots(req_slots: list[int], lengths: list[int]) -> list[int]:
+    return [s for s, n in zip(req_slots, lengths, strict=True) for _ in range(n)]
+
+
+def make_weights(num_slots: int, max_rank: int, ranks: list[int], h_in: int, out_slices: list[int],
+                 dtype: torch.dtype, device: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Stacked, zero-padded lora_a [S, n*R, H_in], lora_b [S, O, R], scales [S]."""
+    n, r = len(out_slices), max_rank
+    rank_of = torch.tensor(ranks)[:, None]
+    a = torch.randn(num_slots, n * r, h_in, generator=gen) / h_in**0.5
+    a *= (torch.arange(r).repeat(n)[None, :] < rank_of)[..., None]
+    b = torch.randn(num_slots, sum(out_slices), r, generator=gen) / r**0.5
+    b *= (torch.arange(r)[None, :] < rank_of)[:, None, :]
+    scales = torch.rand(num_slots, generator=gen) + 0.5
+    return a.to(device, dtype), b.to(device, dtype), scales.to(device)
+
+
+def make_case(slots: list[int], num_slots: int, ranks: list[int], h_in: int, out_slices: list[int],
+              dtype: torch.dtype, device: str = DEVICE, seed: int = 0) -> Case:
+    gen = torch.Generator().manual_seed(seed)
+    a, b, scales = make_weights(num_slots, max(ranks), ranks, h_in, out_slices, dtype, device, gen)
+    t, o = len(slots), sum(out_slices)
+    x = torch.randn(t, h_in + 3, generator=gen).to(device, dtype)[:, :h_in]
+    y_full = torch.randn(t, o + GUARD, generator=gen).to(device, dtype)
+    y_full[:, o:] = float("nan")
+    return Case(x, y_full, a, b, scales, ranks, out_slices, LoRABatchMeta.build(slots, device))
+
+
+def naive_add_lora(case: Case) -> torch.Tensor:
+    """Per-token loop over unpadded A/B of each slot's true rank, in float32."""
+    y = case.y.float().clone()
+    r_max = case.lora_b.shape[2]
+    for t, s in enumerate(case.meta.token_slots.tolist()):
+        if s < 0:
+            continue
+        off, r = 0, case.ranks[s]
+        for i, out in enumerate(case.out_slices):
+            a = case.lora_a[s, i * r_max:i * r_max + r].float()
+            b = case.lora_b[s, off:off + out, :r].float()
+            y[t, off:off + out] += case.scales[s] * (b @ (a @ case.x[t].float()))
+            off += out
+    return y
+
+
+def run_ops(case: Case, kind: str, ops, buf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink into a NaN-poisoned buffer, then expand the reference buffer into a copy of y."""
+    m = case.meta
+    if buf is None:
+        buf = torch.full((case.x.shape[0], case.lora_a.shape[1]), float("nan"), device=case.x.device)
+    if kind == "sgmv":
+        buf = ops.sgmv_shrink(case.x, case.lora_a, m.seg_starts, m.seg_slots, max_seg_len=m.max_seg_len, buf=buf)
+    else:
+        buf = ops.bgmv_shrink(case.x, case.lora_a, m.token_slots, buf=buf)
+    ref_buf = lora_torch.bgmv_shrink(case.x, case.lora_a, m.token_slots)
+    y = case.fresh_y()
+    if kind == "sgmv":
+        ops.sgmv_expand(y, ref_buf, case.lora_b, case.scales, case.out_slices, m.seg_starts, m.seg_slots,
+                        max_seg_len=m.max_seg_len)
+    else:
+        ops.bgmv_expand(y, ref_buf, case.lora_b, case.scales, case.out_slices, m.token_slots)
+    return buf, y
+
+
+def check_against_reference(case: Case, kind: str, buf: torch.Tensor, y: torch.Tensor) -> None:
+    ref_buf, ref_y = run_ops(case, kind, lora_torch)
+    base = case.meta.token_slots < 0
+    assert torch.isfinite(buf).all(), "shrink left rows of the buffer unwritten"
+    assert (buf[base] == 0).all(), "shrink must zero the rows of base tokens"
+    torch.testing.assert_close(buf, ref_buf, **BUF_TOL)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref_y.float(), **TOLS[y.dtype])
+    assert torch.equal(y[base], case.y[base]), "base rows must stay untouched"
+    guard = y.as_strided((y.shape[0], GUARD), (y.stride(0), 1), y.storage_offset() + y.shape[1])
+    assert torch.isnan(guard).all(), "expand wrote past the last slice"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_can_run():
+    if DEVICE == "cpu" and not lora_triton._INTERPRETED:
+        pytest.fail("loraplex.kernels.lora_triton was imported before TRITON_INTERPRET=1 was set")
+
+
+def test_meta_build_merges_runs_into_segments():
+    m = LoRABatchMeta.build([3, 3, -1, -1, 2, 3, 3, 3], "cpu")
+    assert m.seg_starts.tolist() == [0, 2, 4, 5, 8]
+    assert m.seg_slots.tolist() == [3, -1, 2, 3]
+    assert m.token_slots.dtype == m.seg_starts.dtype == m.seg_slots.dtype == torch.int32
+    assert (m.num_tokens, m.num_segs, m.max_seg_len, m.no_lora) == (8, 4, 3, False)
+    assert LoRABatchMeta.build([-1, -1], "cpu").no_lora
+    empty = LoRABatchMeta.build([], "cpu")
+    assert (empty.num_tokens, empty.num_segs, empty.no_lora, empty.seg_starts.tolist()) == (0, 0, True, [0])
+
+
+def test_dispatch_picks_bgmv_for_short_segments():
+    decode = LoRABatchMeta.build([0, 1, 1, 2, -1], "cpu")
+    prefill = LoRABatchMeta.build([0] * 40 + [1] * 3, "cpu")
+    assert lora.use_bgmv(decode) and not lora.use_bgmv(prefill)
+    assert lora.use_bgmv(prefill, "bgmv") and not lora.use_bgmv(decode, "sgmv")
+
+
+@pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_ops_by_adapter_distribution(dist: str, dtype: torch.dtype, kind: str):
+    gen = torch.Generator().manual_seed(1)
+    req = request_slots(dist, 6, 8, gen)
+    lengths = torch.randint(1, 5, (6,), generator=gen).tolist()
+    case = make_case(token_slots(req, lengths), 8, [16] * 8, 48, [32, 16, 16], dtype)
+    check_against_reference(case, kind, *run_ops(case, kind, lora_triton))
+
+
+@pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("num_tokens", [1, 3, 7, 33])
+def test_ops_by_batch_size(num_tokens: int, kind: str):
+    gen = torch.Generator().manual_seed(num_tokens)
+    req = request_slots("uniform", num_tokens, 4, gen)
+    lengths = torch.randint(1, 6, (num_tokens,), generator=gen).tolist()
+    slots = token_slots(req, lengths)[:num_tokens]
+    case = make_case(slots, 4, [16] * 4, 40, [24, 40], torch.bfloat16, seed=num_tokens)
+    check_against_reference(case, kind, *run_ops(case, kind, lora_triton))
+
+
+@pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("ranks", [[8] * 4, [16] * 4, [64] * 4, [8, 64, 16, 32]], ids=["8", "16", "64", "mixed"])
+def test_ops_by_rank(ranks: list[int], kind: str):
+    slots = token_slots([0, 1, -1, 2, 3, 1], [3, 1, 2, 4, 1, 2])
+    case = make_case(slots, 4, ranks, 64, [64], torch.float16, seed=len(set(ranks)))
+    check_against_reference(case, kind, *run_ops(case, kind, lora_triton))
+
+
+@pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
+def test_split_k_shrink(kind: str):
+    """Forced split-K (atomics into a zeroed buffer) over an input size that no block divides."""
+    case = make_case(token_slots([0, -1, 1, 0], [3, 2, 1, 1]), 2, [16, 8], 600, [16], torch.float32)
+    m, nan = case.meta, float("nan")
+    buf = torch.full((7, 16), nan, device=DEVICE)
+    if kind == "sgmv":
+        lora_triton.sgmv_shrink(case.x, case.lora_a, m.seg_starts, m.seg_slots, m.max_seg_len, buf, split_k=3)
+    else:
+        lora_triton.bgmv_shrink(case.x, case.lora_a, m.token_slots, buf, split_k=3)
+    torch.testing.assert_close(buf, lora_torch.bgmv_shrink(case.x, case.lora_a, m.token_slots), **BUF_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_lora_torch_matches_naive_loop(dtype: torch.dtype):
+    slots = token_slots([2, -1, 0, 2, 1, -1], [4, 2, 1, 3, 1, 1])
+    case = make_case(slots, 3, [8, 16, 4], 32, [32, 16, 16], dtype, device="cpu", seed=3)
+    for kind in ("sgmv", "bgmv"):
+        y = case.fresh_y()
+        add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, case.meta, kind=kind)
+        torch.testing.assert_close(y.float(), naive_add_lora(case), **TOLS[dtype])
+        base = case.meta.token_slots < 0
+        assert torch.equal(y[base], case.y[base])
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2, -1, 1], [1] * 9 + [-1] * 2 + [0] * 6], ids=["decode", "prefill"])
+def test_add_lora_triton_matches_naive_loop(slots: list[int]):
+    case = make_case(slots, 3, [16, 8, 16], 32, [48, 16], torch.float32, seed=4)
+    y = case.fresh_y()
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, case.meta, backend="triton")
+    torch.testing.assert_close(y.float(), naive_add_lora(case), **TOLS[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_add_lora_without_lora_rows_leaves_y(backend: str):
+    case = make_case([-1, -1, -1], 2, [8, 8], 16, [16], torch.float32, seed=5)
+    y = case.fresh_y()
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, case.meta, backend=backend)
+    assert torch.equal(y, case.y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_shrink_fills_given_buffer(backend: str):
+    case = make_case([0, 0, 1], 2, [8, 8], 16, [16, 16], torch.float32, seed=6)
+    buf = torch.full((3, 16), float("nan"), device=DEVICE)
+    for op in (lora.sgmv_shrink, lora.bgmv_shrink):
+        out = op(case.x, case.lora_a, case.meta, buf=buf, backend=backend)
+        assert out.data_ptr() == buf.data_ptr() and torch.isfinite(buf).all()
+
+
+def test_add_lora_rejects_mismatched_shapes():
+    case = make_case([0, 1], 2, [8, 8], 16, [16, 8], torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="lora_a"):
+        add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scales, [16, 4, 4], case.meta)
+    with pytest.raises(ValueError, match="scales"):
+        add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scales.half(), case.out_slices, case.meta)
