@@ -1,0 +1,129 @@
+"""argparse flags generated from the typed config dataclasses.
+
+Every field of ``ModelConfig``, ``CacheConfig``, ``SchedulerConfig``,
+``LoRAConfig``, the top of ``EngineConfig`` and ``ServerConfig`` becomes
+``--field-name`` with the field's help, bounds, choices and default. Flags a
+user does not give stay unset, so the dataclass defaults apply and the
+dataclasses validate (errors name the value). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from loraplex.backend.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loraplex.backend.errors import ConfigError
+from loraplex.backend.server.config import ServerConfig
+
+ENGINE_SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                                    "lora": LoRAConfig}
+ALIASES = {"preload": ("--lora",)}
+METAVARS = {"preload": "NAME=SOURCE", "adapter_roots": "DIR"}
+API_KEY_ENV = "LORAPLEX_API_KEY"
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per config field, grouped by section."""
+    for title, cls in ENGINE_SECTIONS.items():
+        _add_fields(parser.add_argument_group(f"{title} options"), cls)
+    engine_top = [f for f in dataclasses.fields(EngineConfig) if f.name not in ENGINE_SECTIONS]
+    _add_fields(parser.add_argument_group("engine options"), EngineConfig, engine_top)
+    server = parser.add_argument_group("server options")
+    _add_fields(server, ServerConfig)
+    server.add_argument("--api-key-file", metavar="PATH", default=argparse.SUPPRESS,
+                        help=f"read the bearer token from this file (else --api-key, else ${API_KEY_ENV})")
+
+
+def _add_fields(group: Any, cls: type, fields: list[dataclasses.Field[Any]] | None = None) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in fields if fields is not None else dataclasses.fields(cls):
+        names = (f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, ()))
+        group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=_help(f),
+                           **_kind(hints[f.name], f))
+
+
+def _kind(hint: Any, f: dataclasses.Field[Any]) -> dict[str, Any]:
+    """argparse keywords for a field of type ``hint``."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(base) is list:
+        return {"action": "append", "metavar": METAVARS.get(f.name, "VALUE"),
+                "type": _name_equals_source if f.name == "preload" else str}
+    kind: dict[str, Any] = {"type": _maybe_none(base) if optional else base,
+                            "metavar": base.__name__.upper()}
+    choices = f.metadata.get("choices")
+    if choices:
+        kind["choices"] = list(choices)
+        kind.pop("metavar")
+    return kind
+
+
+def _help(f: dataclasses.Field[Any]) -> str:
+    meta = f.metadata
+    parts = [meta.get("help", "")]
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None or hi is not None:
+        parts.append(f"range [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default not in (None, [], dataclasses.MISSING):
+        parts.append(f"default: {default}")
+    elif default is None:
+        parts.append("default: none")
+    if f.name in METAVARS:
+        parts.append("repeat the flag for several")
+    return "; ".join(p for p in parts if p).replace("%", "%%")
+
+
+def _maybe_none(base: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "") else base(text)
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+def _name_equals_source(text: str) -> str:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=SOURCE")
+    return text
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The engine config of the flags given (defaults for the rest), validated."""
+    given = vars(args)
+    names = {f.name for cls in ENGINE_SECTIONS.values() for f in dataclasses.fields(cls)}
+    names |= {f.name for f in dataclasses.fields(EngineConfig) if f.name not in ENGINE_SECTIONS}
+    return EngineConfig.from_kwargs(**{k: v for k, v in given.items() if k in names})
+
+
+def server_config_from_args(args: argparse.Namespace, environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
+    """The server config of the flags given; the token comes from --api-key, --api-key-file or the env."""
+    given = vars(args)
+    kwargs = {f.name: given[f.name] for f in dataclasses.fields(ServerConfig) if f.name in given}
+    kwargs["api_key"] = resolve_api_key(given.get("api_key"), given.get("api_key_file"), environ)
+    return ServerConfig(**kwargs)
+
+
+def resolve_api_key(key: str | None, key_file: str | None, environ: typing.Mapping[str, str] | None = None) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $LORAPLEX_API_KEY, else None (read now, not at import)."""
+    if key:
+        return key
+    if key_file:
+        try:
+            text = Path(key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"api_key_file={key_file!r}: {exc.strerror or exc}") from exc
+        if not text:
+            raise ConfigError(f"api_key_file={key_file!r}: the file is empty")
+        return text.splitlines()[0].strip()
+    env = os.environ if environ is None else environ
+    return env.get(API_KEY_ENV) or None

@@ -1,0 +1,65 @@
+"""The ``loraplex serve`` process: engine + gRPC server + /metrics + tracing + signals.
+
+SIGTERM / SIGINT drain gracefully (see ``GrpcServer.drain_and_stop``); the
+process then exits 0. A second signal during the drain stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from loraplex.backend.config import EngineConfig
+from loraplex.backend.metrics import Metrics
+from loraplex.backend.server.config import ServerConfig
+from loraplex.backend.server.server import GrpcServer
+from loraplex.backend.tracing import configure_tracing
+
+log = logging.getLogger("loraplex.server")
+
+
+async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Runs until a signal has drained and stopped the server; returns the exit code."""
+    from loraplex.backend.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(engine_config)
+    await engine.start()
+    provider = configure_tracing()
+    server = GrpcServer(engine, server_config, metrics=Metrics(engine.stats), tracer_provider=provider)
+    metrics_http = None
+    try:
+        if server_config.metrics_port is not None:
+            metrics_http, metrics_port = server.metrics.serve(server_config.metrics_host, server_config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", server_config.metrics_host, metrics_port)
+        port = await server.start()
+        print(f"loraplex: serving {engine.model_name} on {server_config.host}:{port}", flush=True)
+        _install_signal_handlers(server)
+        await server.wait_stopped()
+    finally:
+        await engine.shutdown()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        if provider is not None:
+            provider.shutdown()
+    return 0
+
+
+def _install_signal_handlers(server: GrpcServer) -> None:
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[None]] = []
+
+    def on_signal(signum: int) -> None:
+        if tasks:
+            log.warning("second %s: stopping now", signal.Signals(signum).name)
+            tasks.append(loop.create_task(server.stop()))
+            return
+        log.info("%s: draining (grace %.1fs)", signal.Signals(signum).name, server.config.grace_period)
+        tasks.append(loop.create_task(server.drain_and_stop()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+def run(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    return asyncio.run(serve(engine_config, server_config))

@@ -1,0 +1,34 @@
+"""Every user-facing message the gRPC front end writes itself, in one place.
+
+Engine errors carry their own messages (``loraplex.backend.errors``); these are
+the ones raised at the edge: protobuf shape, auth, server state.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Msg(StrEnum):
+    MALFORMED_REQUEST = "malformed protobuf message: {error}"
+    INPUT_MISSING = "exactly one of prompt, token_ids or chat must be set"
+    EMPTY_PROMPT = "must not be empty"
+    EMPTY_TOKEN_IDS = "must hold at least one token id"
+    EMPTY_MESSAGES = "must hold at least one message"
+    BAD_ROLE = "{role!r} is not one of {roles}"
+    BAD_JSON = "not valid JSON: {error}"
+    NOT_JSON_OBJECT = "must be a JSON object"
+    RESERVED_KWARGS = "may not set {keys}: the server sets them (use add_generation_prompt, tools_json)"
+    TEMPLATE_FAILED = "the chat template could not render these messages: {error}"
+    REQUEST_ID_TOO_LONG = "at most {limit} characters, got {length}"
+    REQUEST_ID_BAD_CHARS = "must be printable ASCII without spaces"
+    REQUEST_ID_RUNNING = "a request with id {request_id!r} is already running"
+    ADAPTER_NAME_EMPTY = "must not be empty"
+    ADAPTER_SOURCE_EMPTY = "must not be empty"
+    DRAINING = "server is shutting down; not accepting new requests"
+    UNAUTHENTICATED_MISSING = "missing bearer token: send metadata 'authorization: Bearer <token>'"
+    UNAUTHENTICATED_WRONG = "invalid bearer token"
+    INTERNAL = "internal server error in {method}; see the server log"
+
+    def format(self, *args: object, **kwargs: object) -> str:  # type: ignore[override]
+        return self.value.format(*args, **kwargs)

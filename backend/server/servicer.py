@@ -1,0 +1,189 @@
+"""The ``loraplex.v1.InferenceService`` servicer: thin glue between the wire and the engine.
+
+Protobuf is converted at the edge (``convert``), errors map to status codes in
+one place (``errors.grpc_errors``), metrics and spans are observed on the way
+through. Cancelling a Generate call (client cancel, deadline, disconnect)
+cancels this handler, which closes the engine's output iterator, which aborts
+the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+from loraplex import __version__
+from loraplex.backend.engine.request import EngineRequest
+from loraplex.backend.errors import EngineDrainingError, InvalidRequestError
+from loraplex.backend.metrics import Metrics, RequestTracker
+from loraplex.backend.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
+from loraplex.backend.server import convert
+from loraplex.backend.server.errors import grpc_errors, status_of
+from loraplex.backend.server.messages import Msg
+from loraplex.backend.tracing import GenerateSpanRecorder, extract_context, request_attributes
+from loraplex.clients.v1 import inference_pb2 as pb
+from loraplex.clients.v1 import inference_pb2_grpc as pb_grpc
+from opentelemetry import trace
+
+TOKEN_TEXT_CACHE = 65536
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Serves one ``AsyncEngine``; ``features`` lists what the assembly turned on (auth, tls...)."""
+
+    def __init__(self, engine: Any, metrics: Metrics, tracer: trace.Tracer, features: tuple[str, ...] = ()):
+        self.engine = engine
+        self.metrics = metrics
+        self.tracer = tracer
+        self.features = features
+        self.draining = False
+        self._running: set[str] = set()
+        self._token_text = functools.lru_cache(maxsize=TOKEN_TEXT_CACHE)(self._decode_token)
+
+    def _decode_token(self, token_id: int) -> str:
+        return str(self.engine.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    # ---- Generate ----------------------------------------------------------------------------
+
+    @grpc_errors
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
+        span = self.tracer.start_span(f"{operation} {request.adapter or self.engine.model_name}",
+                                      context=extract_context(context.invocation_metadata()),
+                                      kind=trace.SpanKind.SERVER)
+        with self.metrics.tracker() as tracker, _ending(span, tracker):
+            req = self._admit(request)
+            span.set_attributes(request_attributes(req, operation, self.engine.model_name))
+            try:
+                async for message in self._stream(req, span, tracker):
+                    yield message
+            finally:
+                self._running.discard(req.request_id)
+
+    def _admit(self, request: pb.GenerateRequest) -> EngineRequest:
+        if self.draining:
+            raise EngineDrainingError(Msg.DRAINING.value)
+        req = convert.request_from_pb(request, self.engine.apply_chat_template)
+        if req.request_id in self._running:
+            raise InvalidRequestError("request_id", Msg.REQUEST_ID_RUNNING.format(request_id=req.request_id))
+        self._running.add(req.request_id)
+        return req
+
+    async def _stream(self, req: EngineRequest, span: trace.Span,
+                      tracker: RequestTracker) -> AsyncIterator[pb.GenerateResponse]:
+        recorder = GenerateSpanRecorder(span)
+        async with contextlib.aclosing(self.engine.generate(req)) as outputs:
+            async for out in outputs:
+                tracker.on_output(out)
+                recorder.on_output(out)
+                yield convert.output_to_pb(out, self._token_text)
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    @grpc_errors
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest,
+                          context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
+        if not request.name:
+            raise InvalidRequestError("name", Msg.ADAPTER_NAME_EMPTY.value)
+        if not request.source:
+            raise InvalidRequestError("source", Msg.ADAPTER_SOURCE_EMPTY.value)
+        if self.draining:
+            raise EngineDrainingError(Msg.DRAINING.value)
+        with self._adapter_op("load", request.name, context) as span:
+            span.set_attributes({"loraplex.adapter.source": request.source, "loraplex.adapter.replace":
+                                 request.replace, "loraplex.adapter.pin": request.pin})
+            info = await self.engine.load_adapter(request.name, request.source, revision=request.revision or None,
+                                                  replace=request.replace, pinned=request.pin)
+            span.set_attribute("loraplex.adapter.version", info.version)
+        return pb.LoadAdapterResponse(adapter=convert.adapter_to_pb(info))
+
+    @grpc_errors
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest,
+                            context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
+        if not request.name:
+            raise InvalidRequestError("name", Msg.ADAPTER_NAME_EMPTY.value)
+        with self._adapter_op("unload", request.name, context):
+            await self.engine.unload_adapter(request.name)
+        return pb.UnloadAdapterResponse()
+
+    @grpc_errors
+    async def ListAdapters(self, request: pb.ListAdaptersRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
+        adapters = sorted(self.engine.list_adapters(), key=lambda a: a.name)
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_to_pb(a) for a in adapters])
+
+    @contextlib.contextmanager
+    def _adapter_op(self, op: str, name: str, context: grpc.aio.ServicerContext) -> Iterator[trace.Span]:
+        start = time.monotonic()
+        with self.tracer.start_as_current_span(f"{op}_adapter {name}", kind=trace.SpanKind.SERVER,
+                                               context=extract_context(context.invocation_metadata()),
+                                               attributes={"loraplex.adapter": name,
+                                                           "loraplex.adapter.operation": op}) as span:
+            try:
+                yield span
+            except Exception as exc:
+                self.metrics.adapter_op(op, status_of(exc).name.lower(), time.monotonic() - start)
+                raise
+            self.metrics.adapter_op(op, "ok", time.monotonic() - start)
+
+    # ---- server info -------------------------------------------------------------------------
+
+    @grpc_errors
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
+        e = self.engine
+        cfg = e.config
+        limits = pb.Limits(max_model_len=e.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
+                           max_loras=cfg.lora.max_loras, max_lora_rank=cfg.lora.max_lora_rank,
+                           max_cpu_loras=cfg.lora.max_cpu_loras,
+                           max_waiting_requests=cfg.scheduler.max_waiting_requests,
+                           max_stop_strings=MAX_STOP_STRINGS, max_logprobs=MAX_LOGPROBS)
+        eos = e.tokenizer.eos_token_id
+        return pb.GetServerInfoResponse(model=e.model_name, version=__version__, limits=limits,
+                                        features=self._features(), device=str(getattr(e, "device", cfg.model.device)),
+                                        dtype=_dtype_name(getattr(e, "dtype", cfg.model.dtype)),
+                                        eos_token_id=eos if isinstance(eos, int) else 0)
+
+    def _features(self) -> list[str]:
+        cfg = self.engine.config
+        found = ["logprobs", "health", "stop_strings", "seed"]
+        if cfg.lora.enable_lora:
+            found.append("lora")
+        if cfg.cache.enable_prefix_caching:
+            found.append("prefix_caching")
+        template = getattr(self.engine.tokenizer, "chat_template", None) or ""
+        if template:
+            found.append("chat_template")
+        if "tools" in template:
+            found.append("tools")
+        if cfg.scheduler.policy == "priority":
+            found.append("priority")
+        return sorted({*found, *self.features})
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def _ending(span: trace.Span, tracker: RequestTracker) -> Iterator[None]:
+    """Ends a Generate span and counts the call's outcome, however it ends."""
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        tracker.finish("cancelled")
+        span.add_event("cancelled")
+        raise
+    except Exception as exc:
+        tracker.finish(status_of(exc).name.lower())
+        span.record_exception(exc)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+        raise
+    finally:
+        span.end()
