@@ -263,8 +263,9 @@ class open_weights:  # noqa: N801 - used as a context manager function
     def _open_pickle(self) -> tuple[dict[str, tuple[tuple[int, ...], str]], Callable[[str], torch.Tensor]]:
         try:
             state = torch.load(str(self.path), map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling refused or broken file
-            raise self._corrupt(e) from None
+        except Exception as e:  # unpickling refused (not plain tensors) or broken file
+            raise AdapterLoadError(self.name, f"{self.path.name} could not be read with torch.load("
+                                              f"weights_only=True): {str(e).splitlines()[0][:200]}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterLoadError(self.name, f"{self.path.name} does not hold a dict of tensors")
         meta = {str(k): (tuple(v.shape), _dtype_code(v.dtype)) for k, v in state.items()}

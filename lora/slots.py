@@ -1,0 +1,129 @@
+"""GPU adapter slots: every LoRA-able layer's weights for ``max_loras`` adapters, stacked.
+
+Layout (fixed; the kernels rely on it). For a target (one possibly fused linear) with
+modules ``m_0..m_{n-1}``, output sizes ``out_i``, offsets ``off_i = sum(out_0..out_{i-1})`` and
+``R = max_rank``::
+
+    lora_a: [max_loras, n*R, in]          A_i [r, in]    -> lora_a[s, i*R : i*R + r, :]
+    lora_b: [max_loras, sum(out), R]      B_i [out_i, r] -> lora_b[s, off_i : off_i + out_i, :r]
+    scales: [max_loras] float32           (shared by all targets)
+
+and zeros everywhere else (rows past the rank, modules the adapter does not target, free
+slots), so for token x in slot s the delta of module i is
+``scales[s] * (x @ lora_a[s, i*R:(i+1)*R].T) @ lora_b[s, off_i:off_i+out_i].T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from loraplex.backend.errors import AdapterLoadError
+from loraplex.lora.peft import LoRAWeights
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",),
+}
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One LoRA-able linear of the model, possibly fused from several projections."""
+
+    layer: int
+    group: str  # "qkv_proj" (q,k,v fused), "o_proj", "gate_up_proj" (gate,up fused), "down_proj"
+    modules: tuple[str, ...]  # e.g. ("q_proj", "k_proj", "v_proj")
+    in_features: int
+    out_slices: tuple[int, ...]  # output size per module
+
+    def offsets(self) -> list[int]:
+        """Start row of each module's output in the fused output."""
+        return [sum(self.out_slices[:i]) for i in range(len(self.out_slices))]
+
+
+class LoRASlots:
+    """Stacked per-slot LoRA buffers for every target, plus one scale per slot."""
+
+    def __init__(self, targets: list[LoRATarget], max_loras: int, max_rank: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.targets = list(targets)
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        self._by_key: dict[tuple[int, str], tuple[LoRATarget, torch.Tensor, torch.Tensor]] = {}
+        self._by_module: dict[tuple[int, str], tuple[LoRATarget, int]] = {}
+        for t in self.targets:
+            if (t.layer, t.group) in self._by_key:
+                raise ValueError(f"duplicate LoRA target layer={t.layer} group={t.group}")
+            if len(t.modules) != len(t.out_slices):
+                raise ValueError(f"target {t}: one out_slice per module expected")
+            lora_a = torch.zeros(max_loras, len(t.modules) * max_rank, t.in_features, dtype=dtype, device=device)
+            lora_b = torch.zeros(max_loras, sum(t.out_slices), max_rank, dtype=dtype, device=device)
+            self._by_key[(t.layer, t.group)] = (t, lora_a, lora_b)
+            for i, module in enumerate(t.modules):
+                self._by_module[(t.layer, module)] = (t, i)
+        self.scales = torch.zeros(max_loras, dtype=torch.float32, device=device)  # [max_loras]
+        self.ranks = [0] * max_loras  # rank of the adapter in each slot; 0 = empty
+
+    def buffers(self, layer: int, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_a [max_loras, n*R, in], lora_b [max_loras, sum(out_slices), R])`` of one target."""
+        _t, lora_a, lora_b = self._by_key[(layer, group)]
+        return lora_a, lora_b
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by all buffers and the scales."""
+        return self.scales.nbytes + sum(a.nbytes + b.nbytes for _t, a, b in self._by_key.values())
+
+    def check(self, w: LoRAWeights) -> None:
+        """Refuses weights that do not fit these targets (module missing, shapes, rank > R)."""
+        for (layer, module), (a, b) in w.weights.items():
+            if (layer, module) not in self._by_module:
+                raise AdapterLoadError(w.name, f"layer {layer} {module} is not a LoRA target of the model")
+            t, i = self._by_module[(layer, module)]
+            r = a.shape[0]
+            if r > self.max_rank or a.shape != (r, t.in_features) or b.shape != (t.out_slices[i], r):
+                raise AdapterLoadError(w.name, f"layer {layer} {module}: A {list(a.shape)} / B {list(b.shape)} do "
+                                               f"not fit the slot (in={t.in_features}, out={t.out_slices[i]}, "
+                                               f"max rank {self.max_rank})")
+
+    def load(self, slot: int, w: LoRAWeights) -> None:
+        """Writes adapter ``w`` into ``slot`` (zeroed first) and sets its scale.
+
+        Checks everything before touching the slot, so a refused adapter leaves it as it was.
+        Host-to-device copies are ``non_blocking``; pinned host memory makes them asynchronous.
+        """
+        self.check(w)
+        self.clear(slot)  # checks the slot index
+        R = self.max_rank
+        for (layer, module), (a, b) in w.weights.items():
+            t, i = self._by_module[(layer, module)]
+            _t, lora_a, lora_b = self._by_key[(layer, t.group)]
+            r, off = a.shape[0], t.offsets()[i]
+            lora_a[slot, i * R:i * R + r, :].copy_(a, non_blocking=True)
+            lora_b[slot, off:off + t.out_slices[i], :r].copy_(b, non_blocking=True)
+        self.scales[slot] = w.scale
+        self.ranks[slot] = w.rank
+
+    def clear(self, slot: int) -> None:
+        """Zeroes ``slot`` in every buffer and its scale."""
+        if not 0 <= slot < self.max_loras:
+            raise IndexError(f"slot {slot} out of range [0, {self.max_loras})")
+        for _t, lora_a, lora_b in self._by_key.values():
+            lora_a[slot].zero_()
+            lora_b[slot].zero_()
+        self.scales[slot] = 0.0
+        self.ranks[slot] = 0
+
+
+def targets_from_spec(num_layers: int, module_shapes: dict[str, tuple[int, int]]) -> list[LoRATarget]:
+    """The standard fused targets (qkv, o, gate_up, down) of every layer, from per-module shapes.
+
+    ``module_shapes["q_proj"] = (in_features, out_features)``, as in ``BaseModelSpec``.
+    """
+    out = []
+    for layer in range(num_layers):
+        for group, modules in GROUPS.items():
+            in_features = module_shapes[modules[0]][0]
+            out.append(LoRATarget(layer, group, modules, in_features, tuple(module_shapes[m][1] for m in modules)))
+    return out
