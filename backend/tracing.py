@@ -76,7 +76,12 @@ def _exporter_from_env(env: Mapping[str, str]) -> SpanExporter | None:
 
 
 def _resource(env: Mapping[str, str]) -> Resource:
-    return Resource.create({} if env.get("OTEL_SERVICE_NAME") else {"service.name": "loraplex"})
+    """OTEL_SERVICE_NAME, else a service.name in OTEL_RESOURCE_ATTRIBUTES, else "loraplex"."""
+    if env.get("OTEL_SERVICE_NAME"):
+        return Resource.create({"service.name": env["OTEL_SERVICE_NAME"]})
+    if "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        return Resource.create()
+    return Resource.create({"service.name": "loraplex"})
 
 
 def get_tracer(provider: TracerProvider | None) -> trace.Tracer:
