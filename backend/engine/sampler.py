@@ -10,8 +10,10 @@ it runs in; unseeded rows share the sampler's default generator.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from loraplex.backend.outputs import Logprob
@@ -65,13 +67,19 @@ class SamplingBatch:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
         greedy = [p.temperature == 0.0 for p in params]
-        uses_repetition = any(p.repetition_penalty != 1.0 for p in params)
-        uses_counts = uses_repetition or any(p.presence_penalty or p.frequency_penalty for p in params)
-        output_counts = _token_counts(output_ids, vocab_size, device) if uses_counts else None
-        seen_mask = None
-        if uses_repetition:
+        repeats = [p.repetition_penalty != 1.0 for p in params]
+        counted = [
+            r or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            for p, r in zip(params, repeats, strict=True)
+        ]
+        output_counts = seen_mask = None
+        if any(counted):  # rows without penalties count nothing
+            output_counts = _token_counts(_only(output_ids, counted), vocab_size, device)
+        if any(repeats):
             assert output_counts is not None
-            seen_mask = (_token_counts(prompt_ids, vocab_size, device) > 0) | (output_counts > 0)
+            seen_mask = (_token_counts(_only(prompt_ids, repeats), vocab_size, device) > 0) | (
+                output_counts > 0
+            )
         random_rows = [p for p, g in zip(params, greedy, strict=True) if not g]
         return cls(
             temperature=column("temperature", torch.float32),
@@ -105,12 +113,18 @@ class SamplingBatch:
 
 def _token_counts(ids: list[list[int]], vocab_size: int, device: torch.device | str) -> Tensor:
     """[R, V] int32: how often each token occurs in each row's ``ids``."""
-    width = max((len(row) for row in ids), default=0)
-    padded = [row + [vocab_size] * (width - len(row)) for row in ids]  # pad -> extra column
-    index = torch.tensor(padded, dtype=torch.int64, device=device).view(len(ids), width)  # [R, L]
-    counts = torch.zeros(len(ids), vocab_size + 1, dtype=torch.int32, device=device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
-    return counts[:, :vocab_size]
+    counts = torch.zeros(len(ids) * vocab_size, dtype=torch.int32, device=device)  # [R * V]
+    flat = array("q", chain.from_iterable(ids))  # [T], faster than torch.tensor(list)
+    if flat:
+        lengths = torch.tensor([len(row) for row in ids])
+        rows = torch.repeat_interleave(torch.arange(len(ids)), lengths)  # [T]
+        index = (rows * vocab_size + torch.frombuffer(flat, dtype=torch.int64)).to(device)
+        counts.scatter_add_(0, index, torch.ones_like(index, dtype=torch.int32))
+    return counts.view(len(ids), vocab_size)
+
+
+def _only(ids: list[list[int]], keep: list[bool]) -> list[list[int]]:
+    return [row if k else [] for row, k in zip(ids, keep, strict=True)]
 
 
 @dataclass
