@@ -50,17 +50,18 @@ def make_peft_adapter(base_dir_or_model: str | Path | PreTrainedModel, out_dir: 
     ``LoraConfig`` (``rank_pattern``, ``alpha_pattern``, ``use_dora``...). The base model passed in is
     not modified (a copy gets the LoRA layers).
     """
+    model: Any
     if isinstance(base_dir_or_model, (str, Path)):
         model = AutoModelForCausalLM.from_pretrained(base_dir_or_model, dtype=torch.float32)
     else:
         model = copy.deepcopy(base_dir_or_model)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
+    config = LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts float alphas target_modules=targets, use_rslora=use_rslora,
                         init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
     out = Path(out_dir)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     return out
 
 
