@@ -31,7 +31,7 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
     try:
         if server_config.metrics_port is not None:
             metrics_http, metrics_port = server.metrics.serve(server_config.metrics_host, server_config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", server_config.metrics_host, metrics_port)
+            print(f"loraplex: metrics on http://{server_config.metrics_host}:{metrics_port}/metrics", flush=True)
         port = await server.start()
         print(f"loraplex: serving {engine.model_name} on {server_config.host}:{port}", flush=True)
         _install_signal_handlers(server)
