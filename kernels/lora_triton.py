@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 MAX_SLICES = 3
-_TARGET_PROGRAMS = 512  # split K until a shrink launch has about this many programs
+_TARGET_PROGRAMS = 1024  # split K until a shrink launch has about this many programs
 _HALF = (torch.float16, torch.bfloat16)
 
 

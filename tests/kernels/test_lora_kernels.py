@@ -25,12 +25,12 @@ lora_triton = pytest.importorskip("loraplex.kernels.lora_triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # y after expand is rounded to its dtype once; the kernels differ from the reference by about 1 ulp.
-TOLS = {
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+TOLS = {  # (atol, rtol)
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
 }
-BUF_TOL = dict(atol=1e-3, rtol=1e-3)  # shrink accumulates exact products in float32 for every dtype
+BUF_TOL = (1e-3, 1e-3)  # shrink accumulates exact products in float32 for every dtype
 DISTRIBUTIONS = ["distinct", "uniform", "zipf", "identical", "with_base"]
 GUARD = 8  # NaN columns right of y: a write past the last slice shows up
 
@@ -55,6 +55,10 @@ class Case:
     def fresh_y(self) -> torch.Tensor:
         """A copy of y that is again a strided view left of NaN guard columns."""
         return self.y_full.clone()[:, :sum(self.out_slices)]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: tuple[float, float]) -> None:
+    torch.testing.assert_close(actual, expected, atol=tol[0], rtol=tol[1])
 
 
 def request_slots(dist: str, num_requests: int, num_slots: int, gen: torch.Generator) -> list[int]:
@@ -141,9 +145,9 @@ def check_against_reference(case: Case, kind: str, buf: torch.Tensor, y: torch.T
     base = case.meta.token_slots < 0
     assert torch.isfinite(buf).all(), "shrink left rows of the buffer unwritten"
     assert (buf[base] == 0).all(), "shrink must zero the rows of base tokens"
-    torch.testing.assert_close(buf, ref_buf, **BUF_TOL)
+    assert_close(buf, ref_buf, BUF_TOL)
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y.float(), ref_y.float(), **TOLS[y.dtype])
+    assert_close(y.float(), ref_y.float(), TOLS[y.dtype])
     assert torch.equal(y[base], case.y[base]), "base rows must stay untouched"
     guard = y.as_strided((y.shape[0], GUARD), (y.stride(0), 1), y.storage_offset() + y.shape[1])
     assert torch.isnan(guard).all(), "expand wrote past the last slice"
@@ -213,7 +217,7 @@ def test_split_k_shrink(kind: str):
         lora_triton.sgmv_shrink(case.x, case.lora_a, m.seg_starts, m.seg_slots, m.max_seg_len, buf, split_k=3)
     else:
         lora_triton.bgmv_shrink(case.x, case.lora_a, m.token_slots, buf, split_k=3)
-    torch.testing.assert_close(buf, lora_torch.bgmv_shrink(case.x, case.lora_a, m.token_slots), **BUF_TOL)
+    assert_close(buf, lora_torch.bgmv_shrink(case.x, case.lora_a, m.token_slots), BUF_TOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -223,7 +227,7 @@ def test_add_lora_torch_matches_naive_loop(dtype: torch.dtype):
     for kind in ("sgmv", "bgmv"):
         y = case.fresh_y()
         add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, case.meta, kind=kind)
-        torch.testing.assert_close(y.float(), naive_add_lora(case), **TOLS[dtype])
+        assert_close(y.float(), naive_add_lora(case), TOLS[dtype])
         base = case.meta.token_slots < 0
         assert torch.equal(y[base], case.y[base])
 
@@ -233,7 +237,7 @@ def test_add_lora_triton_matches_naive_loop(slots: list[int]):
     case = make_case(slots, 3, [16, 8, 16], 32, [48, 16], torch.float32, seed=4)
     y = case.fresh_y()
     add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, case.meta, backend="triton")
-    torch.testing.assert_close(y.float(), naive_add_lora(case), **TOLS[torch.float32])
+    assert_close(y.float(), naive_add_lora(case), TOLS[torch.float32])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
