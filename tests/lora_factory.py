@@ -55,7 +55,7 @@ def make_peft_adapter(base_dir_or_model: str | Path | PreTrainedModel, out_dir: 
         model = AutoModelForCausalLM.from_pretrained(base_dir_or_model, dtype=torch.float32)
     else:
         model = copy.deepcopy(base_dir_or_model)
-    config = LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts float alphas target_modules=targets, use_rslora=use_rslora,
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,  # type: ignore[arg-type]
                         init_lora_weights=False, lora_dropout=0.0, **lora_kwargs)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
