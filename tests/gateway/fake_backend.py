@@ -129,7 +129,7 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
 def _logprobs(piece: str, params: pb.SamplingParameters) -> list[pb.TokenLogprob]:
     if not params.HasField("logprobs"):
         return []
-    alternatives = [pb.TopLogprob(token=c, token_id=ord(c), logprob=-1.0 - i) for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")]
+    alternatives = [pb.TopLogprob(token=c, token_id=ord(c), logprob=-1.0 - i) for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZ")]
     return [pb.TokenLogprob(token=c, token_id=ord(c), logprob=-0.5, rank=1,
                             top=[pb.TopLogprob(token=c, token_id=ord(c), logprob=-0.5)]
                             + alternatives[: max(0, params.logprobs - 1)])

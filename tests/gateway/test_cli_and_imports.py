@@ -1,0 +1,72 @@
+"""The CLI's flags and environment, the config's checks, and the no-torch import rule."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from loraplex.gateway import cli
+from loraplex.gateway.config import ConfigError, GatewayConfig
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults() -> None:
+    config = cli.config_from_args(parse())
+    assert (config.backend, config.host, config.port) == ("127.0.0.1:50051", "127.0.0.1", 8000)
+    assert config.api_key is None and config.cors_origins == [] and config.reasoning_parser == "think"
+
+
+def test_flags(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"PEM")
+    config = cli.config_from_args(parse(
+        "--backend", "b:1", "--host", "0.0.0.0", "--port", "9", "--api-key", "k", "--backend-token", "t",
+        "--backend-ca", str(ca), "--cors-origins", "https://a, https://b", "--max-request-bytes", "2048",
+        "--reasoning-parser", "none", "--tool-parser", "none", "--served-model-name", "base",
+        "--request-timeout", "3"))
+    assert (config.backend, config.port, config.api_key, config.backend_token) == ("b:1", 9, "k", "t")
+    assert config.backend_ca == b"PEM" and config.cors_origins == ["https://a", "https://b"]
+    assert (config.max_request_bytes, config.reasoning_parser, config.tool_parser) == (2048, "none", "none")
+    assert (config.served_model_name, config.request_timeout) == ("base", 3.0)
+
+
+def test_secrets_from_the_environment_at_run_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = parse()
+    monkeypatch.setenv("LORAPLEX_API_KEY", "from-env")
+    monkeypatch.setenv("LORAPLEX_BACKEND_TOKEN", "tok")
+    config = cli.config_from_args(args)
+    assert (config.api_key, config.backend_token) == ("from-env", "tok")
+    assert cli.config_from_args(parse("--api-key", "flag")).api_key == "flag"
+
+
+@pytest.mark.parametrize("kwargs", [{"backend": "nocolon"}, {"port": 70000}, {"max_request_bytes": 10},
+                                    {"reasoning_parser": "deepseek"}, {"tool_parser": "mistral"},
+                                    {"request_timeout": 0}, {"backend_cert": b"x"}])
+def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        GatewayConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_run_reports_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(parse("--backend", "nocolon")) == 2
+    assert "backend" in capsys.readouterr().err
+    assert cli.run(parse("--backend-ca", "/does/not/exist.pem")) == 2
+
+
+def test_gateway_import_pulls_in_no_torch_and_no_server() -> None:
+    code = (
+        "import sys, loraplex.gateway.app, loraplex.gateway.cli\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'triton')\n"
+        "       or m.startswith(('loraplex.backend', 'loraplex.lora', 'loraplex.kernels'))]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
