@@ -14,14 +14,21 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from loraplex.backend.config import LoRAConfig
 from loraplex.backend.errors import AdapterLoadError
-from loraplex.lora.peft_keys import EMBEDDING_NAMES, LORA_MODULES, MODULE_PARENT, WeightPlan, plan_weights
+from loraplex.lora.peft_keys import (
+    EMBEDDING_NAMES,
+    LORA_MODULES,
+    MODULE_PARENT,
+    Meta,
+    WeightPlan,
+    plan_weights,
+)
 from loraplex.lora.peft_source import Resolved, fingerprint, resolve
 from safetensors import safe_open
 
@@ -87,7 +94,6 @@ class LoRAWeights:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     nbytes: int
     fingerprint: str = ""  # identity of the files it came from (path, size, mtime); see peft_source
-    base_model_name: str | None = field(default=None, compare=False)
 
 
 def resolve_adapter_source(name: str, source: str, revision: str | None, cfg: LoRAConfig) -> Path:
@@ -102,10 +108,10 @@ def load_peft_adapter(name: str, source: str, base: BaseModelSpec, cfg: LoRAConf
     config = read_adapter_config(name, where)
     check_config(name, config, base, cfg)
     weights_path = find_weights_file(name, where, cfg)
-    with open_weights(name, weights_path, cfg) as (meta, fetch):
-        plan = plan_weights(name, meta, config, base, cfg.max_lora_rank)
-        check_targets(name, config, plan, base)
-        tensors = read_tensors(name, plan, fetch)
+    meta, fetch = open_weights(name, weights_path)
+    plan = plan_weights(name, meta, config, base, cfg.max_lora_rank)
+    check_targets(name, config, plan, base)
+    tensors = read_tensors(name, plan, fetch)
     warn_base_mismatch(name, config, base)
     return build_weights(name, source, config, plan, tensors,
                          fingerprint(where.path / "adapter_config.json", weights_path))
@@ -225,51 +231,47 @@ def find_weights_file(name: str, where: Resolved, cfg: LoRAConfig) -> Path:
     return path
 
 
-class open_weights:  # noqa: N801 - used as a context manager function
-    """``with open_weights(name, path, cfg) as (meta, fetch)``: key -> (shape, dtype) and a reader."""
+Fetch = Callable[[str], torch.Tensor]
 
-    def __init__(self, name: str, path: Path, cfg: LoRAConfig):
-        self.name, self.path, self.cfg = name, path, cfg
-        self._handle: Any = None
 
-    def __enter__(self) -> tuple[dict[str, tuple[tuple[int, ...], str]], Callable[[str], torch.Tensor]]:
-        if self.path.suffix == ".safetensors":
-            return self._open_safetensors()
-        return self._open_pickle()
+def open_weights(name: str, path: Path) -> tuple[Meta, Fetch]:
+    """``(key -> (shape, dtype code), reader of one tensor)`` of a weights file; reads no tensor data
+    for safetensors (the header only)."""
+    if path.suffix == ".safetensors":
+        return _open_safetensors(name, path)
+    return _open_pickle(name, path)
 
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
 
-    def _corrupt(self, e: Exception) -> AdapterLoadError:
-        return AdapterLoadError(self.name, f"weights file {self.path.name} is corrupt or truncated: {e}")
+def _corrupt(name: str, path: Path, e: Exception) -> AdapterLoadError:
+    return AdapterLoadError(name, f"weights file {path.name} is corrupt or truncated: {e}")
 
-    def _open_safetensors(self) -> tuple[dict[str, tuple[tuple[int, ...], str]], Callable[[str], torch.Tensor]]:
+
+def _open_safetensors(name: str, path: Path) -> tuple[Meta, Fetch]:
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        meta = {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype())
+                for k in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # safetensors raises its own error types
+        raise _corrupt(name, path, e) from None
+
+    def fetch(key: str) -> torch.Tensor:
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            handle = self._handle.__enter__()
-            meta = {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype())
-                    for k in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except Exception as e:  # safetensors raises its own error types
-            raise self._corrupt(e) from None
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise _corrupt(name, path, e) from None
+    return meta, fetch
 
-        def fetch(key: str) -> torch.Tensor:
-            try:
-                return handle.get_tensor(key)
-            except Exception as e:
-                raise self._corrupt(e) from None
-        return meta, fetch
 
-    def _open_pickle(self) -> tuple[dict[str, tuple[tuple[int, ...], str]], Callable[[str], torch.Tensor]]:
-        try:
-            state = torch.load(str(self.path), map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling refused (not plain tensors) or broken file
-            raise AdapterLoadError(self.name, f"{self.path.name} could not be read with torch.load("
-                                              f"weights_only=True): {str(e).splitlines()[0][:200]}") from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise AdapterLoadError(self.name, f"{self.path.name} does not hold a dict of tensors")
-        meta = {str(k): (tuple(v.shape), _dtype_code(v.dtype)) for k, v in state.items()}
-        return meta, state.__getitem__
+def _open_pickle(name: str, path: Path) -> tuple[Meta, Fetch]:
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refused (not plain tensors) or broken file
+        raise AdapterLoadError(name, f"{path.name} could not be read with torch.load(weights_only=True): "
+                                     f"{str(e).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterLoadError(name, f"{path.name} does not hold a dict of tensors")
+    meta = {str(k): (tuple(v.shape), _dtype_code(v.dtype)) for k, v in state.items()}
+    return meta, state.__getitem__
 
 
 def _dtype_code(dtype: torch.dtype) -> str:
@@ -313,7 +315,7 @@ def module_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 
 
 def build_weights(name: str, source: str, config: dict[str, Any], plan: WeightPlan,
-                  tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], print_: str) -> LoRAWeights:
+                  tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], files_id: str) -> LoRAWeights:
     """Assembles ``LoRAWeights``, folding per-module scales (alpha/rank patterns) into B."""
     rslora = bool(config.get("use_rslora", False))
     alpha, rank = float(config.get("lora_alpha", 8)), int(config["r"])
@@ -325,5 +327,4 @@ def build_weights(name: str, source: str, config: dict[str, Any], plan: WeightPl
     nbytes = sum(a.nbytes + b.nbytes for a, b in tensors.values())
     return LoRAWeights(name=name, source=source, rank=max(a.shape[0] for a, _ in tensors.values()), alpha=alpha,
                        use_rslora=rslora, scale=scale, target_modules=frozenset(m for _, m in tensors),
-                       weights=tensors, nbytes=nbytes, fingerprint=print_,
-                       base_model_name=config.get("base_model_name_or_path"))
+                       weights=tensors, nbytes=nbytes, fingerprint=files_id)

@@ -3,7 +3,7 @@
 Local paths, when ``LoRAConfig.adapter_roots`` is non-empty, must resolve (``os.path.realpath``:
 symlinks followed, ``..`` collapsed) inside one of the roots, and so must every file read from
 the directory (a symlinked weights file pointing outside is refused). URL-encoded forms and NUL
-bytes are refused outright. A source that is not an existing local path and looks like
+bytes are refused outright; relative paths resolve against the working directory. A source that is not an existing local path and looks like
 ``org/name`` is a hub id, downloaded with ``snapshot_download`` (only the adapter files).
 """
 

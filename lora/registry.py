@@ -33,7 +33,6 @@ from loraplex.backend.errors import (
     AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,
-    ConfigError,
     NoAdapterSlotError,
 )
 from loraplex.lora.peft import BaseModelSpec, LoRAWeights, load_peft_adapter
@@ -133,16 +132,6 @@ class AdapterRegistry:
             if version is None:
                 raise AdapterNotFoundError(name)
             self._retire(version)
-
-    def register_preloaded(self) -> list[AdapterInfo]:
-        """Registers ``cfg.preload`` entries (``NAME=SOURCE``), pinned."""
-        infos = []
-        for entry in self.cfg.preload:
-            name, sep, source = entry.partition("=")
-            if not sep or not name or not source:
-                raise ConfigError(f"preload={entry!r}: expected NAME=SOURCE")
-            infos.append(self.register(name, source, pinned=True))
-        return infos
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -276,8 +265,11 @@ class AdapterRegistry:
                     del self._name_locks[name]
 
     def _register_locked(self, name: str, source: str, revision: str | None, replace: bool, pinned: bool,
-                         cfg: LoRAConfig) -> AdapterVersion:
-        """Loads (without the main lock) and installs a new version; the name lock must be held."""
+                         cfg: LoRAConfig, hold: bool = False) -> AdapterVersion:
+        """Loads (without the main lock) and installs a new version, acquired once if ``hold``.
+
+        The name lock must be held.
+        """
         with self._lock:
             if name in self._current and not replace:
                 raise AdapterExistsError(name)
@@ -286,7 +278,8 @@ class AdapterRegistry:
             number = self._last_version.get(name, 0) + 1
             self._last_version[name] = number
             version = AdapterVersion(name, number, source, revision, pinned, weights.rank, weights.alpha,
-                                     tuple(sorted(weights.target_modules)), weights.fingerprint, weights)
+                                     tuple(sorted(weights.target_modules)), weights.fingerprint, weights,
+                                     refcount=int(hold))
             old = self._current.get(name)
             self._current[name] = version
             self._touch(version)
@@ -308,15 +301,13 @@ class AdapterRegistry:
         root = self.cfg.adapter_dir
         if not root or not _DIR_NAME.match(name) or not (Path(root) / name).is_dir():
             raise AdapterNotFoundError(name)
-        cfg = self.cfg
-        if cfg.adapter_roots:
-            cfg = dataclasses.replace(cfg, adapter_roots=[*cfg.adapter_roots, root])
         with self._name_lock(name):
             with self._lock:
                 version = self._current.get(name)
             if version is None:
-                version = self._register_locked(name, str(Path(root) / name), None, False, False, cfg)
-            with self._lock:
+                return self._register_locked(name, str(Path(root) / name), None, False, False, self._dir_cfg(),
+                                             hold=True)
+            with self._lock:  # registered meanwhile by another thread
                 version.refcount += 1
         return version
 
@@ -325,10 +316,7 @@ class AdapterRegistry:
         with self._name_lock(version.name):
             if version.weights is not None:
                 return
-            cfg = self.cfg
-            if self.cfg.adapter_dir and self.cfg.adapter_roots:
-                cfg = dataclasses.replace(cfg, adapter_roots=[*cfg.adapter_roots, self.cfg.adapter_dir])
-            weights = self._read(version.name, version.source, version.revision, cfg)
+            weights = self._read(version.name, version.source, version.revision, self._dir_cfg())
             if weights.fingerprint != version.fingerprint:
                 raise AdapterLoadError(version.name, f"the files at '{version.source}' changed since version "
                                                      f"{version.version} was loaded; load the adapter again")
@@ -336,6 +324,12 @@ class AdapterRegistry:
                 version.weights = weights
                 self._touch(version)
                 self._trim_cpu()
+
+    def _dir_cfg(self) -> LoRAConfig:
+        """The config with ``adapter_dir`` added to non-empty ``adapter_roots``: it is trusted by the operator."""
+        if self.cfg.adapter_dir and self.cfg.adapter_roots:
+            return dataclasses.replace(self.cfg, adapter_roots=[*self.cfg.adapter_roots, self.cfg.adapter_dir])
+        return self.cfg
 
     def _touch(self, version: AdapterVersion) -> None:
         if version.weights is not None:

@@ -167,8 +167,11 @@ def test_adapter_dir_load_on_first_use(make_registry: Factory, adapter_store: di
     shutil.copytree(adapter_store["qkv_r4"], tmp_path / "dir" / "broken")
     (tmp_path / "dir" / "broken" / "adapter_config.json").write_text("{")
     shutil.copytree(adapter_store["mlp_r2"], tmp_path / "elsewhere")
-    reg = make_registry(adapter_dir=str(tmp_path / "dir"), adapter_roots=[str(tmp_path / "elsewhere")])
+    reg = make_registry(max_cpu_loras=1, adapter_dir=str(tmp_path / "dir"),
+                        adapter_roots=[str(tmp_path / "elsewhere")])
+    reg.register("pinned", str(tmp_path / "elsewhere"), pinned=True)
     v = reg.acquire("sub1")  # adapter_dir is an allowed root for these loads
+    assert reg.counts().source_loads == 2 and v.weights is not None  # read once, not evicted before use
     assert (v.key, v.refcount, reg.get("sub1").source) == (("sub1", 1), 1, str(tmp_path / "dir" / "sub1"))
     assert reg.acquire("sub1") is v and v.refcount == 2
     for missing in ("nope", "../dir/sub1", "sub1/..", ""):
@@ -176,7 +179,7 @@ def test_adapter_dir_load_on_first_use(make_registry: Factory, adapter_store: di
             reg.acquire(missing)
     with pytest.raises(AdapterLoadError, match="not valid JSON"):
         reg.acquire("broken")
-    assert [i.name for i in reg.list()] == ["sub1"]
+    assert [i.name for i in reg.list()] == ["pinned", "sub1"]
     with pytest.raises(AdapterNotFoundError):
         make_registry().acquire("sub1")  # no adapter_dir: no loading by name
 
@@ -189,11 +192,6 @@ def test_failed_register_leaves_registry_unchanged(make_registry: Factory, adapt
     with pytest.raises(AdapterLoadError, match="adapter name"):
         reg.register("bad name", src(adapter_store, "qkv_r4"))
     assert [(i.name, i.version) for i in reg.list()] == [("a", 1)] and reg.consistency_errors() == []
-
-
-def test_preload_is_pinned(make_registry: Factory, adapter_store: dict[str, Path]) -> None:
-    reg = make_registry(preload=[f"x={src(adapter_store, 'o_r3')}"])
-    assert [(i.name, i.pinned) for i in reg.register_preloaded()] == [("x", True)]
 
 
 def serialised_loader() -> tuple[Callable[..., LoRAWeights], list[str]]:
