@@ -322,6 +322,8 @@ def build_weights(name: str, source: str, config: dict[str, Any], plan: WeightPl
     scale = module_scale(alpha, rank, rslora)
     for key, (a, b) in tensors.items():
         own = module_scale(plan.alphas[key], a.shape[0], rslora)
+        if scale == 0 and own != 0:
+            raise AdapterLoadError(name, "lora_alpha=0 with a non-zero alpha_pattern entry is not supported")
         if not math.isclose(own, scale, rel_tol=1e-12):
             tensors[key] = (a, b * (own / scale))
     nbytes = sum(a.nbytes + b.nbytes for a, b in tensors.values())
