@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -33,6 +33,21 @@ class Event:
     index: int
     response: pb.GenerateResponse | None = None
     error: OpenAIError | None = None
+
+
+@dataclass
+class Folded:
+    """One call's whole answer: its text, logprobs and final message (reason, usage, error)."""
+
+    text: str = ""
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    final: pb.GenerateResponse = field(default_factory=pb.GenerateResponse)
+
+    def add(self, response: pb.GenerateResponse) -> None:
+        self.text += response.text
+        self.logprobs.extend(response.logprobs)
+        if response.finished:
+            self.final = response
 
 
 class Fanout:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loraplex.clients import GenerateResult, pb
+from loraplex.clients import pb
 from loraplex.gateway import sse
+from loraplex.gateway.backend import Folded
 from loraplex.gateway.errors import OpenAIError
 from loraplex.gateway.logprobs import chat_logprobs
 from loraplex.gateway.output import OutputParser, ParsedDelta, parse_whole
@@ -41,7 +42,7 @@ ROUTE = "/v1/chat/completions"
 def finish_reason(response: pb.GenerateResponse, called_tools: bool) -> str:
     """The backend's reason in OpenAI's terms; an aborted request is an error."""
     if response.finish_reason == "abort":
-        raise OpenAIError(503, "The backend aborted the request (it may be shutting down).",
+        raise OpenAIError(503, response.error or "The backend aborted the request (it may be shutting down).",
                           code="request_aborted")
     if called_tools and response.finish_reason == "stop":
         return "tool_calls"
@@ -134,18 +135,15 @@ class ChatEndpoint:
 
     # ---- whole answer ----
 
-    def response(self, results: list[GenerateResult]) -> ChatCompletionResponse:
+    def response(self, results: list[Folded]) -> ChatCompletionResponse:
         choices = [self._choice(i, r) for i, r in enumerate(results)]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=self.usage())
 
-    def _choice(self, index: int, result: GenerateResult) -> ChatChoice:
+    def _choice(self, index: int, result: Folded) -> ChatChoice:
         parser = self._parser()
         parsed = parse_whole(parser, result.text)
-        self._choices[index].usage = result.usage
-        final = pb.GenerateResponse(finish_reason=result.finish_reason, stop_string=result.stop_string)
-        if result.stop_token_id is not None:
-            final.stop_token_id = result.stop_token_id
+        self._choices[index].usage = result.final.usage
         content: str | None = parsed.content
         if parsed.tool_calls and not parsed.content.strip():
             content = None
@@ -153,7 +151,8 @@ class ChatEndpoint:
                                  tool_calls=[_tool_call(c) for c in parsed.tool_calls] or None)
         logprobs = chat_logprobs(result.logprobs, self.req.top_logprobs or 0) if self.req.logprobs else None
         return ChatChoice(index=index, message=message, logprobs=logprobs,
-                          finish_reason=finish_reason(final, bool(parsed.tool_calls)), stop_reason=stop_reason(final))
+                          finish_reason=finish_reason(result.final, bool(parsed.tool_calls)),
+                          stop_reason=stop_reason(result.final))
 
     def usage(self) -> Usage:
         return total_usage([c.usage for c in self._choices], per_prompt=len(self._choices))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraplex.clients import GenerateResult, pb
+from loraplex.clients import pb
 from loraplex.gateway import sse
+from loraplex.gateway.backend import Folded
 from loraplex.gateway.chat import finish_reason, stop_reason
 from loraplex.gateway.errors import OpenAIError, bad_request
 from loraplex.gateway.logprobs import completion_logprobs
@@ -88,20 +89,17 @@ class CompletionEndpoint:
         choice.offset += len(choice.echo) + sum(len(e.token) for e in entries)
         return out
 
-    def response(self, results: list[GenerateResult]) -> CompletionResponse:
+    def response(self, results: list[Folded]) -> CompletionResponse:
         choices = [self._choice(i, r) for i, r in enumerate(results)]
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                   usage=self.usage())
 
-    def _choice(self, index: int, result: GenerateResult) -> CompletionChoice:
+    def _choice(self, index: int, result: Folded) -> CompletionChoice:
         choice = self._choices[index]
-        choice.usage = result.usage
+        choice.usage = result.final.usage
         logprobs = self._logprobs(choice, result.logprobs)
-        final = pb.GenerateResponse(finish_reason=result.finish_reason, stop_string=result.stop_string)
-        if result.stop_token_id is not None:
-            final.stop_token_id = result.stop_token_id
         return CompletionChoice(index=index, text=choice.echo + result.text, logprobs=logprobs,
-                                finish_reason=finish_reason(final, False), stop_reason=stop_reason(final))
+                                finish_reason=finish_reason(result.final, False), stop_reason=stop_reason(result.final))
 
     def usage(self) -> Usage:
         return total_usage([c.usage for c in self._choices], per_prompt=self.req.n)

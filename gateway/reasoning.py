@@ -4,7 +4,7 @@ One state machine serves both streaming and whole outputs (the whole output is f
 at once), so a streamed answer and a non-streamed one split identically.
 
     parser = ReasoningParser()
-    parser.feed("<think>plan")      # → ("plan", "")
+    parser.feed("<think>plan ")     # → ("plan", "")
     parser.feed("</think>\\nHi")     # → ("", "Hi")
     parser.flush()                  # → ("", "")
 
@@ -85,11 +85,12 @@ class ReasoningParser:
     def _on_reasoning(self) -> tuple[str, str] | None:
         end = self._buf.find(THINK_END)
         if end >= 0:
-            reasoning, self._buf = self._buf[:end], self._buf[end + len(THINK_END):]
+            reasoning, self._buf = self._buf[:end].rstrip(), self._buf[end + len(THINK_END):]
             self._state = "content_lead"
             return reasoning, ""
-        keep = partial_suffix(self._buf, THINK_END)
-        out, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+        # hold back a partial </think> and the whitespace before it (dropped if the tag follows)
+        ready = self._buf[: len(self._buf) - partial_suffix(self._buf, THINK_END)].rstrip()
+        out, self._buf = ready, self._buf[len(ready):]
         return (out, "") if out else None
 
     def _on_content(self) -> tuple[str, str] | None:

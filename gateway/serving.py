@@ -9,9 +9,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, TypeVar
 
-from loraplex.clients import GenerateResult, pb
+from loraplex.clients import pb
 from loraplex.gateway import sse
-from loraplex.gateway.backend import Fanout
+from loraplex.gateway.backend import Fanout, Folded
 from loraplex.gateway.errors import OpenAIError, from_validation
 from loraplex.gateway.responses import Usage
 from loraplex.gateway.state import GatewayState
@@ -38,7 +38,7 @@ class Endpoint(Protocol):
 
     def stream_end(self) -> list[str]: ...
 
-    def response(self, results: list[GenerateResult]) -> BaseModel: ...
+    def response(self, results: list[Folded]) -> BaseModel: ...
 
     def usage(self) -> Usage: ...
 
@@ -79,8 +79,8 @@ async def respond(request: Request, state: GatewayState, endpoint: Endpoint, spa
     return JSONResponse(body.model_dump())
 
 
-async def _collect(fan: Fanout, n: int) -> list[GenerateResult]:
-    results = [GenerateResult() for _ in range(n)]
+async def _collect(fan: Fanout, n: int) -> list[Folded]:
+    results = [Folded() for _ in range(n)]
     async for event in fan.events():
         if event.error is not None:
             raise event.error
@@ -90,7 +90,7 @@ async def _collect(fan: Fanout, n: int) -> list[GenerateResult]:
 
 
 async def _collect_or_disconnect(request: Request, fan: Fanout, n: int,
-                                 state: GatewayState) -> list[GenerateResult] | None:
+                                 state: GatewayState) -> list[Folded] | None:
     """The folded results, or None when the client disconnected first (the calls are cancelled)."""
     task = asyncio.create_task(_collect(fan, n))
     try:

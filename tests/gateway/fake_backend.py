@@ -3,7 +3,7 @@
 One character = one token. The base model echoes the prompt (or the last chat message);
 adapters: ``reverse``, ``upper``, ``think`` (``<think>…</think>`` then the echo),
 ``tools`` (a hermes tool call), ``slow`` (one token per 20 ms, up to max_tokens),
-``crash`` (fails mid-stream). Prompts ``FULL`` / ``DRAIN`` get RESOURCE_EXHAUSTED /
+``crash`` (fails mid-stream), ``abort`` (ends with finish_reason "abort" and an error). Prompts ``FULL`` / ``DRAIN`` get RESOURCE_EXHAUSTED /
 UNAVAILABLE. Every request and its metadata are recorded; ``running`` counts live calls.
 """
 
@@ -46,7 +46,7 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self) -> None:
         self.adapters: dict[str, pb.AdapterInfo] = {
             name: pb.AdapterInfo(name=name, version=1, source=f"/adapters/{name}", rank=8)
-            for name in ("reverse", "upper", "think", "tools", "slow", "crash")
+            for name in ("reverse", "upper", "think", "tools", "slow", "crash", "abort")
         }
         self.running = 0
         self.requests: list[pb.GenerateRequest] = []
@@ -88,6 +88,8 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
                 out, reason, stop_string = out[: out.index(s)], "stop", s
         if len(out) > limit:
             out, reason, stop_string = out[:limit], "length", ""
+        error = "engine step failed" if request.adapter == "abort" else ""
+        reason = "abort" if error else reason
         for i in range(0, len(out), 3):
             if request.adapter == "crash" and i >= 3:
                 await context.abort(grpc.StatusCode.INTERNAL, "engine failed")
@@ -97,7 +99,7 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
             yield pb.GenerateResponse(request_id=request.request_id, text=piece, token_ids=[ord(c) for c in piece],
                                       logprobs=_logprobs(piece, p))
         yield pb.GenerateResponse(
-            request_id=request.request_id, finished=True, finish_reason=reason, stop_string=stop_string,
+            request_id=request.request_id, finished=True, finish_reason=reason, stop_string=stop_string, error=error,
             usage=pb.Usage(prompt_tokens=len(text), completion_tokens=len(out), cached_tokens=min(2, len(text))),
         )
 

@@ -30,7 +30,8 @@ def test_partial_suffix() -> None:
 
 
 def test_reasoning_split() -> None:
-    assert split_reasoning("<think>\nplan\n</think>\n\nanswer") == ("plan\n", "answer")
+    assert split_reasoning("<think>\nplan\n</think>\n\nanswer") == ("plan", "answer")
+    assert split_reasoning("<think>a \n b\n</think>c") == ("a \n b", "c")
     assert split_reasoning("no tags here") == (None, "no tags here")
     assert split_reasoning("a <think>b</think>") == (None, "a <think>b</think>")  # only a leading tag opens
     assert split_reasoning("<think>cut off") == ("cut off", "")
@@ -46,7 +47,7 @@ def test_reasoning_opened_by_the_template() -> None:
 def test_reasoning_holds_back_a_partial_tag_only() -> None:
     p = ReasoningParser()
     assert p.feed("<thi") == ("", "")
-    assert p.feed("nk>abc</th") == ("abc", "")
+    assert p.feed("nk>abc </th") == ("abc", "")
     assert p.feed("ink>ok") == ("", "ok")
     assert p.feed("<think> later") == ("", "<think> later")
 

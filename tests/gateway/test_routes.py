@@ -175,14 +175,14 @@ def test_reasoning_split(gw: GatewayHarness) -> None:
     c = client(gw)
     r = c.chat.completions.create(model="think", messages=USER, max_tokens=100)
     message = r.choices[0].message
-    assert message.content == "hello" and message.model_extra["reasoning_content"] == "about hello\n"
+    assert message.content == "hello" and message.model_extra["reasoning_content"] == "about hello"
     stream = c.chat.completions.create(model="think", messages=USER, max_tokens=100, stream=True)
     reasoning = content = ""
     for chunk in stream:
         delta = chunk.choices[0].delta
         reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
         content += delta.content or ""
-    assert (reasoning, content) == ("about hello\n", "hello")
+    assert (reasoning, content) == ("about hello", "hello")
 
 
 def test_unknown_model_is_404(gw: GatewayHarness) -> None:
@@ -216,6 +216,14 @@ def test_error_after_stream_began_is_an_sse_error_event(gw: GatewayHarness) -> N
     assert events[-2]["error"]["message"] == "engine failed" and events[-2]["error"]["type"] == "server_error"
     with pytest.raises(openai.APIError, match="engine failed"):
         list(client(gw).chat.completions.create(model="crash", messages=USER, stream=True))
+
+
+def test_backend_abort_is_an_error_not_a_finish_reason(gw: GatewayHarness) -> None:
+    with pytest.raises(openai.InternalServerError, match="engine step failed") as info:
+        client(gw).chat.completions.create(model="abort", messages=USER)
+    assert info.value.status_code == 503
+    events = sse_events(gw, "/v1/completions", {"model": "abort", "prompt": "hi", "stream": True})
+    assert events[-2]["error"]["code"] == "request_aborted" and events[-1] == "[DONE]"
 
 
 def test_invalid_json_and_unknown_route(gw: GatewayHarness) -> None:
