@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from e2e_stack import Stack, start_stack  # noqa: E402
 from gateway_harness import GatewayHarness  # noqa: E402
 from loraplex.gateway.config import GatewayConfig  # noqa: E402
 
@@ -27,3 +28,11 @@ def gw_secure() -> Iterator[GatewayHarness]:
                                            max_request_bytes=4096))
     yield harness
     harness.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Real ``loraplex serve`` (demo model) + two ``loraplex gateway`` processes (one with an API key)."""
+    s = start_stack(tmp_path_factory.mktemp("e2e"))
+    yield s
+    s.stop()

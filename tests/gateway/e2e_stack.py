@@ -1,0 +1,115 @@
+"""Real processes for the end-to-end tests: ``loraplex serve`` (the built-in demo model, CPU)
+and ``loraplex gateway`` in front of it, on free loopback ports, as a user starts them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway_harness import free_port
+
+SERVE_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+               "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 * 2**20)]
+
+
+def loraplex_command() -> list[str]:
+    """The console script when installed (as a user types it), else the module."""
+    script = shutil.which("loraplex")
+    return [script] if script else [sys.executable, "-m", "loraplex.backend.cli"]
+
+
+@dataclass
+class Stack:
+    target: str  # the backend's gRPC address
+    metrics_url: str  # the backend's /metrics
+    url: str  # the gateway's base URL (no API key)
+    secure_url: str  # a second gateway, with API key API_KEY
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def backend_metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            return resp.read().decode()
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in self.logs if p.exists())
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+API_KEY = "e2e-secret"
+
+
+def start_stack(log_dir: Path) -> Stack:
+    serve_log = log_dir / "serve.log"
+    with open(serve_log, "wb") as log:
+        serve = subprocess.Popen([*loraplex_command(), "serve", *SERVE_FLAGS], stdout=subprocess.PIPE, stderr=log)
+    assert serve.stdout is not None
+    metrics_line = serve.stdout.readline().decode()  # "loraplex: metrics on http://<host>:<port>/metrics"
+    serving_line = serve.stdout.readline().decode()  # "loraplex: serving <model> on <host>:<port>"
+    if "serving" not in serving_line:
+        serve.kill()
+        raise RuntimeError(f"serve did not start: {metrics_line!r} {serving_line!r}\n{serve_log.read_text()}")
+    target = serving_line.strip().rsplit(" ", 1)[1]
+    stack = Stack(target=target, metrics_url=metrics_line.strip().rsplit(" ", 1)[1], url="", secure_url="",
+                  procs=[serve], logs=[serve_log])
+    try:
+        stack.url = _start_gateway(stack, log_dir / "gateway.log", env={})
+        stack.secure_url = _start_gateway(stack, log_dir / "gateway-key.log", env={"LORAPLEX_API_KEY": API_KEY})
+    except Exception:
+        stack.stop()
+        raise
+    return stack
+
+
+def _start_gateway(stack: Stack, log_path: Path, env: dict[str, str]) -> str:
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*loraplex_command(), "gateway", "--backend", stack.target, "--host", "127.0.0.1",
+                                 "--port", str(port), "--log-level", "warning"],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    stack.procs.append(proc)
+    stack.logs.append(log_path)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, log_path)
+    return url
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"gateway not healthy after {timeout}s:\n{log_path.read_text()}")
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """``name{labels}`` in a /metrics scrape (0 when absent)."""
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
