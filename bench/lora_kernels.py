@@ -11,6 +11,7 @@ activations per layer, so nothing stays in L2), divided by the layer count.
 
     python bench/lora_kernels.py                 # GPU; writes $OUT/lora_kernels.json if OUT is set
     python bench/lora_kernels.py --cpu-smoke     # tiny shapes on CPU, Triton in its interpreter
+    python bench/lora_kernels.py --sweep         # tuning: split-K variants x paths, kernel profile
 """
 
 from __future__ import annotations
@@ -66,9 +67,17 @@ def make_layer(dims: list[tuple[int, list[int]]], tokens: int, device: str) -> l
             lora_b=(torch.randn(SLOTS, sum(outs), RANK, device=device) / RANK**0.5).bfloat16(),
             scales=torch.full((SLOTS,), 2.0, device=device),
             out_slices=outs,
-            buf=torch.empty(tokens, n * RANK, device=device),
         ))
+    set_bufs(calls, None)
     return calls
+
+
+def set_bufs(calls: list[dict], partials: int | None) -> None:
+    """Preallocated shrink scratch per call: add_lora's default, [T, N] (0) or [P, T, N] partials."""
+    from loraplex.kernels.lora import DEFAULT_PARTIALS, lora_buffer
+
+    for c in calls:
+        c["buf"] = lora_buffer(c["x"].shape[0], c["lora_a"], DEFAULT_PARTIALS if partials is None else partials)
 
 
 def batch_slots(tokens: int, adapters: int, prefill: bool) -> list[int]:
@@ -195,10 +204,73 @@ def _fmt(r: Row) -> str:
             f"{r.speedup_vs_torch:.1f} |")
 
 
+VARIANTS = {  # name: (split-K target programs, partials)
+    "atomic-256": (256, 0), "atomic-1024": (1024, 0), "atomic-4096": (4096, 0),
+    "part-1": (1024, 1), "part-2": (1024, 2), "part-4": (1024, 4), "part-8": (1024, 8),
+}
+SWEEP = [(64, 1, False), (64, 8, False), (64, 64, False), (128, 64, True), (256, 1, True), (256, 8, True),
+         (256, 64, True)]  # tokens, adapters, prefill
+
+
+def sweep(timer: Timer) -> list[dict]:
+    """Graph time per layer of every split-K variant on both paths, then an eager kernel profile."""
+    from loraplex.kernels import lora_triton
+    from loraplex.kernels.lora import LoRABatchMeta
+
+    results = []
+    for model, (hidden, inter, q, kv, num_layers) in SHAPES.items():
+        dims = layer_dims(hidden, inter, q, kv)
+        for tokens in sorted({t for t, _, _ in SWEEP}):
+            layers = [make_layer(dims, tokens, "cuda") for _ in range(num_layers)]
+            for _, adapters, prefill in [c for c in SWEEP if c[0] == tokens]:
+                meta = LoRABatchMeta.build(batch_slots(tokens, adapters, prefill), "cuda")
+                row: dict = dict(model=model, tokens=tokens, adapters=adapters, max_seg_len=meta.max_seg_len)
+                for name, (target, partials) in VARIANTS.items():
+                    lora_triton._TARGET_PROGRAMS = target
+                    for calls in layers:
+                        set_bufs(calls, partials)
+                    for kind in ("sgmv", "bgmv"):
+                        row[f"{kind}/{name}"] = round(model_time(layers, meta, kind, "cuda", timer), 1)
+                lora_triton._TARGET_PROGRAMS = VARIANTS["atomic-1024"][0]
+                for calls in layers:
+                    set_bufs(calls, None)
+                print(json.dumps(row), flush=True)
+                print(kernel_profile(layers[0], meta), flush=True)
+                results.append(row)
+            del layers
+    return results
+
+
+def kernel_profile(calls: list[dict], meta) -> str:
+    """GPU time per kernel of one eager layer on each path (default settings)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for kind in ("sgmv", "bgmv"):
+        fn = layer_fn(calls, meta, "triton", kind)
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        for e in prof.key_averages():
+            if e.device_time_total > 0:
+                lines.append(f"  {kind} {e.key[:40]:40s} n={e.count // 5:2d} {e.device_time_total / 5:8.1f} us/layer")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
+    parser.add_argument("--sweep", action="store_true", help="tuning sweep of split-K variants (GPU)")
     args = parser.parse_args()
+    if args.sweep:
+        results = sweep(Timer("cuda", reps=10))
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "lora_kernels_sweep.json"), "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before loraplex.kernels.lora_triton imports triton
         rows, bw = run(SMOKE_SHAPES, (8, 72), (1, 4), "cpu", reps=1)

@@ -26,7 +26,8 @@ from . import lora_torch
 Backend = Literal["auto", "triton", "torch"]
 Kind = Literal["auto", "sgmv", "bgmv"]
 
-BGMV_MAX_SEG_LEN = 4  # add_lora takes the per-token (BGMV) kernels when no segment is longer
+BGMV_MAX_SEG_LEN = 2  # add_lora takes the per-token (BGMV) kernels when no segment is longer
+DEFAULT_PARTIALS = 0  # add_lora's own scratch: 0 = [T, N] (split-K by atomics), P = [P, T, N] partial sums
 
 
 @dataclass
@@ -65,6 +66,15 @@ class LoRABatchMeta:
         )
 
 
+def lora_buffer(num_tokens: int, lora_a: Tensor, partials: int = DEFAULT_PARTIALS) -> Tensor:
+    """Float32 shrink scratch for add_lora: [T, n*R], or [P, T, n*R] for P partial sums over H_in.
+
+    Preallocate one per layer shape (and batch size) for CUDA graphs; contents need no initialising.
+    """
+    shape = (num_tokens, lora_a.shape[1]) if partials <= 0 else (partials, num_tokens, lora_a.shape[1])
+    return torch.empty(shape, dtype=torch.float32, device=lora_a.device)
+
+
 def _ops(x: Tensor, backend: Backend) -> ModuleType:
     if backend == "torch" or (backend == "auto" and x.device.type != "cuda"):
         return lora_torch
@@ -90,7 +100,8 @@ def _check(x: Tensor, y: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
 
 def sgmv_shrink(x: Tensor, lora_a: Tensor, meta: LoRABatchMeta, buf: Tensor | None = None,
                 backend: Backend = "auto") -> Tensor:
-    """Segment shrink. x [T, H_in], lora_a [S, N, H_in], buf [T, N] float32 (optional, preallocated).
+    """Segment shrink. x [T, H_in], lora_a [S, N, H_in], buf [T, N] float32 (optional, preallocated;
+    a [P, T, N] buf receives P partial sums over H_in instead, buf.sum(0) being the result).
 
     for g in range(meta.num_segs):
         s, e, slot = meta.seg_starts[g], meta.seg_starts[g+1], meta.seg_slots[g]
@@ -103,7 +114,8 @@ def sgmv_shrink(x: Tensor, lora_a: Tensor, meta: LoRABatchMeta, buf: Tensor | No
 
 def bgmv_shrink(x: Tensor, lora_a: Tensor, meta: LoRABatchMeta, buf: Tensor | None = None,
                 backend: Backend = "auto") -> Tensor:
-    """Per-token shrink. x [T, H_in], lora_a [S, N, H_in], buf [T, N] float32 (optional).
+    """Per-token shrink. x [T, H_in], lora_a [S, N, H_in], buf [T, N] or [P, T, N] float32 (optional,
+    as for sgmv_shrink).
 
     for t in range(T):
         s = meta.token_slots[t]
@@ -115,8 +127,9 @@ def bgmv_shrink(x: Tensor, lora_a: Tensor, meta: LoRABatchMeta, buf: Tensor | No
 
 def sgmv_expand(y: Tensor, buf: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[int],
                 meta: LoRABatchMeta, backend: Backend = "auto") -> None:
-    """Segment expand, every slice in one launch. y [T, O] (in place), buf [T, n*R] float32,
-    lora_b [S, O, R], scales [S] float32, out_slices: n ints summing to O.
+    """Segment expand, every slice in one launch. y [T, O] (in place), buf [T, n*R] float32
+    (or [P, T, n*R] partials, summed on load), lora_b [S, O, R], scales [S] float32, out_slices: n ints
+    summing to O.
 
     for g in range(meta.num_segs):
         s, e, slot = meta.seg_starts[g], meta.seg_starts[g+1], meta.seg_slots[g]
@@ -130,8 +143,9 @@ def sgmv_expand(y: Tensor, buf: Tensor, lora_b: Tensor, scales: Tensor, out_slic
 
 def bgmv_expand(y: Tensor, buf: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[int],
                 meta: LoRABatchMeta, backend: Backend = "auto") -> None:
-    """Per-token expand, every slice in one launch. y [T, O] (in place), buf [T, n*R] float32,
-    lora_b [S, O, R], scales [S] float32, out_slices: n ints summing to O.
+    """Per-token expand, every slice in one launch. y [T, O] (in place), buf [T, n*R] float32
+    (or [P, T, n*R] partials, summed on load), lora_b [S, O, R], scales [S] float32, out_slices: n ints
+    summing to O.
 
     for t in range(T):
         s = meta.token_slots[t]
@@ -155,7 +169,7 @@ def add_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tenso
     """In place, one shrink and one expand for all n slices of a fused layer.
 
     y [T, O], x [T, H_in], lora_a [S, n*R, H_in], lora_b [S, O, R], scales [S] float32,
-    out_slices: n ints summing to O, buf [T, n*R] float32 (optional, for CUDA graphs).
+    out_slices: n ints summing to O, buf: scratch from lora_buffer (optional; preallocate for CUDA graphs).
     for t in range(T):
         s = meta.token_slots[t]
         for i, out in enumerate(out_slices):      # off = sum(out_slices[:i])
@@ -165,6 +179,8 @@ def add_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tenso
     if meta.no_lora:
         return
     _check(x, y, lora_a, lora_b, scales, out_slices)
+    if buf is None and DEFAULT_PARTIALS > 0:
+        buf = lora_buffer(x.shape[0], lora_a)
     if use_bgmv(meta, kind):
         h = bgmv_shrink(x, lora_a, meta, buf, backend)
         bgmv_expand(y, h, lora_b, scales, out_slices, meta, backend)

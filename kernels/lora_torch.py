@@ -33,11 +33,16 @@ def _slices(out_slices: Sequence[int], r: int) -> Iterator[tuple[int, int, int]]
         off += out
 
 
-def _new_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None) -> torch.Tensor:
+def _new_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buf as given, [T, N] part to fill): of a [P, T, N] buffer, partial 0 takes the sum, the rest 0."""
     if buf is None:
         buf = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
     buf.zero_()
-    return buf
+    return buf, (buf if buf.dim() == 2 else buf[0])
+
+
+def _summed(buf: torch.Tensor) -> torch.Tensor:
+    return buf if buf.dim() == 2 else buf.sum(0)
 
 
 def _add_rows(y: torch.Tensor, rows: torch.Tensor | slice, delta: torch.Tensor, off: int, out: int) -> None:
@@ -50,10 +55,11 @@ def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
     """buf[T, N] = per segment ``x[s:e].float() @ lora_a[slot].float().T`` (0 on base rows).
 
     x [T, H_in], lora_a [S, N, H_in], seg_starts [num_segs+1], seg_slots [num_segs]; max_seg_len unused.
+    A buf [P, T, N] takes the result as partials (buf.sum(0)).
     """
-    buf = _new_buf(x, lora_a.shape[1], buf)
+    buf, out = _new_buf(x, lora_a.shape[1], buf)
     for s, e, slot in _segments(seg_starts, seg_slots):
-        buf[s:e] = x[s:e].float() @ lora_a[slot].float().T
+        out[s:e] = x[s:e].float() @ lora_a[slot].float().T
     return buf
 
 
@@ -61,11 +67,11 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
                 buf: torch.Tensor | None = None) -> torch.Tensor:
     """buf[t] = ``lora_a[token_slots[t]].float() @ x[t].float()`` (0 on base rows).
 
-    x [T, H_in], lora_a [S, N, H_in], token_slots [>=T] -> buf [T, N] float32.
+    x [T, H_in], lora_a [S, N, H_in], token_slots [>=T] -> buf [T, N] (or [P, T, N] partials) float32.
     """
-    buf = _new_buf(x, lora_a.shape[1], buf)
+    buf, out = _new_buf(x, lora_a.shape[1], buf)
     for rows, slot in _slot_groups(token_slots, x.shape[0]):
-        buf[rows] = x[rows].float() @ lora_a[slot].float().T
+        out[rows] = x[rows].float() @ lora_a[slot].float().T
     return buf
 
 
@@ -74,9 +80,9 @@ def sgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
                 max_seg_len: int = 0) -> None:
     """Per segment and slice: ``y[s:e, off:off+out] += scales[slot] * buf[s:e, i*R:(i+1)*R] @ lora_b[slot, off:off+out].T``.
 
-    y [T, O], buf [T, n*R] float32, lora_b [S, O, R], scales [S]; max_seg_len unused.
+    y [T, O], buf [T, n*R] (or [P, T, n*R] partials) float32, lora_b [S, O, R], scales [S]; max_seg_len unused.
     """
-    r = lora_b.shape[2]
+    r, buf = lora_b.shape[2], _summed(buf)
     for s, e, slot in _segments(seg_starts, seg_slots):
         scale = scales[slot].float()
         for c, off, out in _slices(out_slices, r):
@@ -88,9 +94,9 @@ def bgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
                 out_slices: Sequence[int], token_slots: torch.Tensor) -> None:
     """Per token and slice: ``y[t, off:off+out] += scales[s] * lora_b[s, off:off+out].float() @ buf[t, i*R:(i+1)*R]``.
 
-    y [T, O], buf [T, n*R] float32, lora_b [S, O, R], scales [S], token_slots [>=T].
+    y [T, O], buf [T, n*R] (or [P, T, n*R] partials) float32, lora_b [S, O, R], scales [S], token_slots [>=T].
     """
-    r = lora_b.shape[2]
+    r, buf = lora_b.shape[2], _summed(buf)
     for rows, slot in _slot_groups(token_slots, y.shape[0]):
         scale = scales[slot].float()
         for c, off, out in _slices(out_slices, r):

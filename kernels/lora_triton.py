@@ -3,10 +3,12 @@
 Shapes: T tokens, S slots, R max rank, n slices, N = n*R, H_in input size,
 O = sum(out_slices). Slot ids < 0 mark base-model rows.
 
-Shrink writes ``buf[T, N]`` in float32 (rows of base tokens are set to 0);
-with split-K it zeroes ``buf`` first and accumulates with atomics. Expand adds
-``scale * buf_i @ B_i.T`` into each output slice of ``y`` in one launch (up to
-``MAX_SLICES`` slices). Wrappers do no host syncs and allocate only when no
+Shrink writes float32 ``buf[T, N]`` (rows of base tokens are set to 0); when
+it splits H_in over programs it zeroes ``buf`` first and accumulates with
+atomics. Given a ``buf[P, T, N]`` instead, it writes P partial sums over H_in
+(plain stores, no zeroing); expand sums the partials as it loads them. Expand
+adds ``scale * buf_i @ B_i.T`` into each output slice of ``y`` in one launch
+(up to ``MAX_SLICES`` slices). Wrappers do no host syncs and allocate only when no
 ``buf`` is given, so they can be captured in CUDA graphs; an SGMV launch sized
 for ``max_seg_len`` stays valid as long as no segment grows beyond it.
 """
@@ -21,6 +23,8 @@ import triton.language as tl
 
 MAX_SLICES = 3
 _TARGET_PROGRAMS = 1024  # split K until a shrink launch has about this many programs
+_MAX_SPLIT_K = 32  # bounds the atomics per buffer element
+STORE, ATOMIC, PARTIAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # how shrink writes buf
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -45,18 +49,18 @@ def _segment_rows(seg_starts_ptr, seg_slots_ptr, pid, M_BLOCKS, BLOCK_M: tl.cons
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, buf_ptr, seg_starts_ptr, seg_slots_ptr,
     H, N, M_BLOCKS, SPLIT_K,
-    sx_t, sx_h, sa_s, sa_n, sa_h, sb_t, sb_n,
+    sx_t, sx_h, sa_s, sa_n, sa_h, sb_p, sb_t, sb_n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, HALF_DOT: tl.constexpr,
+    MODE: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
     rows, row0, end, slot = _segment_rows(seg_starts_ptr, seg_slots_ptr, tl.program_id(0), M_BLOCKS, BLOCK_M)
     if row0 >= end:
         return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = (rows[:, None] < end) & (cols[None, :] < N)
-    out_ptrs = buf_ptr + rows[:, None] * sb_t + cols[None, :] * sb_n
+    out_ptrs = buf_ptr + tl.program_id(2) * sb_p + rows[:, None] * sb_t + cols[None, :] * sb_n
     if slot < 0:
-        if not ATOMIC:
+        if MODE != ATOMIC:
             tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), mask=out_mask)
         return
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -70,7 +74,7 @@ def _sgmv_shrink_kernel(
             acc = tl.dot(xt, at, acc)
         else:
             acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
-    if ATOMIC:
+    if MODE == ATOMIC:
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
     else:
         tl.store(out_ptrs, acc, mask=out_mask)
@@ -80,15 +84,15 @@ def _sgmv_shrink_kernel(
 def _bgmv_shrink_kernel(
     x_ptr, a_ptr, buf_ptr, slots_ptr,
     H, N, SPLIT_K,
-    sx_t, sx_h, sa_s, sa_n, sa_h, sb_t, sb_n,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+    sx_t, sx_h, sa_s, sa_n, sa_h, sb_p, sb_t, sb_n,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_ptrs = buf_ptr + t * sb_t + cols * sb_n
+    out_ptrs = buf_ptr + tl.program_id(2) * sb_p + t * sb_t + cols * sb_n
     if slot < 0:
-        if not ATOMIC:
+        if MODE != ATOMIC:
             tl.store(out_ptrs, tl.zeros((BLOCK_N,), tl.float32), mask=cols < N)
         return
     acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -98,7 +102,7 @@ def _bgmv_shrink_kernel(
         xv = tl.load(x_ptr + t * sx_t + ks * sx_h, mask=ks < H, other=0.0).to(tl.float32)
         at = tl.load(a_base + ks[None, :] * sa_h, mask=(cols[:, None] < N) & (ks[None, :] < H), other=0.0)
         acc += tl.sum(at.to(tl.float32) * xv[None, :], axis=1)
-    if ATOMIC:
+    if MODE == ATOMIC:
         tl.atomic_add(out_ptrs, acc, mask=cols < N)
     else:
         tl.store(out_ptrs, acc, mask=cols < N)
@@ -107,8 +111,8 @@ def _bgmv_shrink_kernel(
 @triton.jit
 def _sgmv_expand_kernel(
     y_ptr, buf_ptr, b_ptr, scales_ptr, seg_starts_ptr, seg_slots_ptr,
-    R, M_BLOCKS, OUT0, OUT1, OUT2,
-    sy_t, sy_o, sb_t, sb_n, sw_s, sw_o, sw_r,
+    R, P, M_BLOCKS, OUT0, OUT1, OUT2,
+    sy_t, sy_o, sb_p, sb_t, sb_n, sw_s, sw_o, sw_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TF32: tl.constexpr,
 ):
     rows, row0, end, slot = _segment_rows(seg_starts_ptr, seg_slots_ptr, tl.program_id(0), M_BLOCKS, BLOCK_M)
@@ -120,8 +124,11 @@ def _sgmv_expand_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     rs = tl.arange(0, BLOCK_R)
     row_ok = rows < end
-    h = tl.load(buf_ptr + rows[:, None] * sb_t + (sl * R + rs[None, :]) * sb_n,
-                mask=row_ok[:, None] & (rs[None, :] < R), other=0.0)
+    h_ptrs = buf_ptr + rows[:, None] * sb_t + (sl * R + rs[None, :]) * sb_n
+    h_mask = row_ok[:, None] & (rs[None, :] < R)
+    h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+    for p in range(1, P):
+        h += tl.load(h_ptrs + p * sb_p, mask=h_mask, other=0.0)
     w = tl.load(b_ptr + slot * sw_s + (off + cols[None, :]) * sw_o + rs[:, None] * sw_r,
                 mask=(rs[:, None] < R) & (cols[None, :] < size), other=0.0)
     if TF32:  # exact for 16-bit B; rounds buf to 10 mantissa bits
@@ -138,8 +145,8 @@ def _sgmv_expand_kernel(
 @triton.jit
 def _bgmv_expand_kernel(
     y_ptr, buf_ptr, b_ptr, scales_ptr, slots_ptr,
-    R, OUT0, OUT1, OUT2,
-    sy_t, sy_o, sb_t, sb_n, sw_s, sw_o, sw_r,
+    R, P, OUT0, OUT1, OUT2,
+    sy_t, sy_o, sb_p, sb_t, sb_n, sw_s, sw_o, sw_r,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -151,7 +158,10 @@ def _bgmv_expand_kernel(
         return
     cols = n0 + tl.arange(0, BLOCK_N)
     rs = tl.arange(0, BLOCK_R)
-    h = tl.load(buf_ptr + t * sb_t + (sl * R + rs) * sb_n, mask=rs < R, other=0.0)
+    h_ptrs = buf_ptr + t * sb_t + (sl * R + rs) * sb_n
+    h = tl.load(h_ptrs, mask=rs < R, other=0.0)
+    for p in range(1, P):
+        h += tl.load(h_ptrs + p * sb_p, mask=rs < R, other=0.0)
     w = tl.load(b_ptr + slot * sw_s + (off + cols[:, None]) * sw_o + rs[None, :] * sw_r,
                 mask=(cols[:, None] < size) & (rs[None, :] < R), other=0.0)
     d = tl.sum(w.to(tl.float32) * h[None, :], axis=1) * tl.load(scales_ptr + slot)
@@ -174,19 +184,31 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def _split_k(programs: int, h_in: int, block_k: int) -> int:
-    return max(1, min(triton.cdiv(h_in, block_k), _TARGET_PROGRAMS // max(programs, 1)))
+    return max(1, min(triton.cdiv(h_in, block_k), _TARGET_PROGRAMS // max(programs, 1), _MAX_SPLIT_K))
 
 
 def _block_m(max_seg_len: int) -> int:
     return min(64, _pow2(max_seg_len))
 
 
-def _shrink_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None, split_k: int) -> torch.Tensor:
+def _shrink_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None, split_k: int) -> tuple[torch.Tensor, int, int]:
+    """(buf, split_k, mode): a [P, T, N] buf takes P partial sums; a [T, N] one is zeroed for atomics."""
+    if buf is not None and buf.dim() == 3:
+        return buf, buf.shape[0], PARTIAL.value if buf.shape[0] > 1 else STORE.value
     if buf is None:
         buf = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
     if split_k > 1:
         buf.zero_()
-    return buf
+    return buf, split_k, ATOMIC.value if split_k > 1 else STORE.value
+
+
+def _buf_strides(buf: torch.Tensor) -> tuple[int, int, int]:
+    """(partial, token, column) strides of a [T, N] or [P, T, N] buffer."""
+    return (0, *buf.stride()) if buf.dim() == 2 else tuple(buf.stride())  # type: ignore[return-value]
+
+
+def _parts(buf: torch.Tensor) -> int:
+    return 1 if buf.dim() == 2 else buf.shape[0]
 
 
 def _outs(out_slices: Sequence[int]) -> tuple[int, int, int]:
@@ -203,19 +225,19 @@ def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor,
         s, e, slot = seg_starts[g], seg_starts[g+1], seg_slots[g]
         buf[s:e] = x[s:e].float() @ lora_a[slot].float().T if slot >= 0 else 0
     max_seg_len >= every e - s (sizes the launch); split_k overrides the split-K heuristic.
+    A buf [P, T, N] receives P partial sums over H_in instead (buf.sum(0) is the result).
     """
     h_in, n = x.shape[1], lora_a.shape[1]
     block_m, block_n, block_k = _block_m(max_seg_len), min(64, _pow2(n)), 64
     m_blocks = triton.cdiv(max(max_seg_len, 1), block_m)
     grid_mn = (seg_slots.shape[0] * m_blocks, triton.cdiv(n, block_n))
-    split_k = split_k or _split_k(grid_mn[0] * grid_mn[1], h_in, block_k)
-    buf = _shrink_buf(x, n, buf, split_k)
+    buf, split_k, mode = _shrink_buf(x, n, buf, split_k or _split_k(grid_mn[0] * grid_mn[1], h_in, block_k))
     if grid_mn[0] == 0:
         return buf
     _sgmv_shrink_kernel[(*grid_mn, split_k)](
         x, lora_a, buf, seg_starts, seg_slots, h_in, n, m_blocks, split_k,
-        x.stride(0), x.stride(1), *lora_a.stride(), *buf.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1, HALF_DOT=_half_dot(x.dtype, lora_a.dtype),
+        x.stride(0), x.stride(1), *lora_a.stride(), *_buf_strides(buf),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, HALF_DOT=_half_dot(x.dtype, lora_a.dtype),
     )
     return buf
 
@@ -227,19 +249,18 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     for t in range(T):
         s = token_slots[t]
         buf[t] = lora_a[s].float() @ x[t].float() if s >= 0 else 0
-    split_k overrides the split-K heuristic.
+    split_k overrides the split-K heuristic; a buf [P, T, N] receives P partial sums over H_in.
     """
     t_num, h_in, n = x.shape[0], x.shape[1], lora_a.shape[1]
     block_n, block_k = min(32, _pow2(n)), 256
     grid_tn = (t_num, triton.cdiv(n, block_n))
-    split_k = split_k or _split_k(grid_tn[0] * grid_tn[1], h_in, block_k)
-    buf = _shrink_buf(x, n, buf, split_k)
+    buf, split_k, mode = _shrink_buf(x, n, buf, split_k or _split_k(grid_tn[0] * grid_tn[1], h_in, block_k))
     if t_num == 0:
         return buf
     _bgmv_shrink_kernel[(*grid_tn, split_k)](
         x, lora_a, buf, token_slots, h_in, n, split_k,
-        x.stride(0), x.stride(1), *lora_a.stride(), *buf.stride(),
-        BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=split_k > 1,
+        x.stride(0), x.stride(1), *lora_a.stride(), *_buf_strides(buf),
+        BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode,
     )
     return buf
 
@@ -249,7 +270,8 @@ def sgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
                 max_seg_len: int) -> None:
     """SGMV expand, all slices in one launch; ``y[T, O]`` in place.
 
-    buf [T, n*R] float32, lora_b [S, O, R], scales [S] float32, out_slices: n sizes summing to O.
+    buf [T, n*R] (or [P, T, n*R] partials, summed) float32, lora_b [S, O, R], scales [S] float32,
+    out_slices: n sizes summing to O.
     for g in range(num_segs):
         s, e, slot = seg_starts[g], seg_starts[g+1], seg_slots[g]
         for i, (off, out) in enumerate(slices):  # off = sum(out_slices[:i])
@@ -264,8 +286,8 @@ def sgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
     if grid[0] == 0:
         return
     _sgmv_expand_kernel[grid](
-        y, buf, lora_b, scales, seg_starts, seg_slots, r, m_blocks, *_outs(out_slices),
-        *y.stride(), *buf.stride(), *lora_b.stride(),
+        y, buf, lora_b, scales, seg_starts, seg_slots, r, _parts(buf), m_blocks, *_outs(out_slices),
+        *y.stride(), *_buf_strides(buf), *lora_b.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, TF32=lora_b.dtype in _HALF,
     )
 
@@ -274,7 +296,8 @@ def bgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
                 out_slices: Sequence[int], token_slots: torch.Tensor) -> None:
     """BGMV expand, all slices in one launch; ``y[T, O]`` in place.
 
-    buf [T, n*R] float32, lora_b [S, O, R], scales [S] float32, token_slots [>=T].
+    buf [T, n*R] (or [P, T, n*R] partials, summed) float32, lora_b [S, O, R], scales [S] float32,
+    token_slots [>=T].
     for t in range(T):
         s = token_slots[t]
         for i, (off, out) in enumerate(slices):  # off = sum(out_slices[:i])
@@ -288,7 +311,7 @@ def bgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales
     if grid[0] == 0:
         return
     _bgmv_expand_kernel[grid](
-        y, buf, lora_b, scales, token_slots, r, *_outs(out_slices),
-        *y.stride(), *buf.stride(), *lora_b.stride(),
+        y, buf, lora_b, scales, token_slots, r, _parts(buf), *_outs(out_slices),
+        *y.stride(), *_buf_strides(buf), *lora_b.stride(),
         BLOCK_N=block_n, BLOCK_R=block_r,
     )

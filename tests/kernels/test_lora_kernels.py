@@ -208,16 +208,23 @@ def test_ops_by_rank(ranks: list[int], kind: str):
 
 
 @pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
-def test_split_k_shrink(kind: str):
-    """Forced split-K (atomics into a zeroed buffer) over an input size that no block divides."""
-    case = make_case(token_slots([0, -1, 1, 0], [3, 2, 1, 1]), 2, [16, 8], 600, [16], torch.float32)
-    m, nan = case.meta, float("nan")
-    buf = torch.full((7, 16), nan, device=DEVICE)
+@pytest.mark.parametrize("partials", [0, 3], ids=["atomic", "partials"])
+def test_split_k(kind: str, partials: int):
+    """H_in split over programs, by atomics into a zeroed [T, N] buffer or as partial sums in [P, T, N],
+    over an input size that no block divides; expand sums the partials."""
+    case = make_case(token_slots([0, -1, 1, 0], [3, 2, 1, 1]), 2, [16, 8], 600, [16, 24], torch.float32)
+    m = case.meta
+    buf = torch.full((partials, 7, 32) if partials else (7, 32), float("nan"), device=DEVICE)
     if kind == "sgmv":
         lora_triton.sgmv_shrink(case.x, case.lora_a, m.seg_starts, m.seg_slots, m.max_seg_len, buf, split_k=3)
     else:
         lora_triton.bgmv_shrink(case.x, case.lora_a, m.token_slots, buf, split_k=3)
-    assert_close(buf, lora_torch.bgmv_shrink(case.x, case.lora_a, m.token_slots), BUF_TOL)
+    ref_buf, ref_y = run_ops(case, kind, lora_torch)
+    assert_close(buf.sum(0) if partials else buf, ref_buf, BUF_TOL)
+    y = case.fresh_y()
+    lora.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, m, buf=buf,
+                  backend="triton", kind=kind)  # type: ignore[arg-type]
+    assert_close(y, ref_y, TOLS[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -248,13 +255,17 @@ def test_add_lora_without_lora_rows_leaves_y(backend: str):
     assert torch.equal(y, case.y)
 
 
+@pytest.mark.parametrize("partials", [0, 1, 2])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_shrink_fills_given_buffer(backend: str):
+def test_shrink_fills_given_buffer(backend: str, partials: int):
     case = make_case([0, 0, 1], 2, [8, 8], 16, [16, 16], torch.float32, seed=6)
-    buf = torch.full((3, 16), float("nan"), device=DEVICE)
+    buf = lora.lora_buffer(3, case.lora_a, partials).fill_(float("nan"))
+    assert buf.shape == ((partials, 3, 16) if partials else (3, 16))
     for op in (lora.sgmv_shrink, lora.bgmv_shrink):
-        out = op(case.x, case.lora_a, case.meta, buf=buf, backend=backend)
+        out = op(case.x, case.lora_a, case.meta, buf=buf, backend=backend)  # type: ignore[arg-type]
         assert out.data_ptr() == buf.data_ptr() and torch.isfinite(buf).all()
+        expected = lora_torch.bgmv_shrink(case.x, case.lora_a, case.meta.token_slots)
+        assert_close(buf.sum(0) if partials else buf, expected, BUF_TOL)
 
 
 def test_add_lora_rejects_mismatched_shapes():
