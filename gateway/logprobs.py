@@ -59,7 +59,7 @@ def completion_logprobs(entries: Iterable[_TokenLogprob], top_k: int, start_offs
         out.tokens.append(e.token)
         out.token_logprobs.append(clamp(e.logprob))
         top = {t.token: clamp(t.logprob) for t in list(e.top)[:top_k]}
-        top.setdefault(e.token, clamp(e.logprob))
+        top[e.token] = clamp(e.logprob)  # the chosen token wins a clash of equal texts
         out.top_logprobs.append(top)
         out.text_offset.append(offset)
         offset += len(e.token)

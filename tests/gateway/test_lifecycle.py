@@ -9,6 +9,7 @@ import openai
 import pytest
 from fake_backend import BASE
 from gateway_harness import GatewayHarness
+from loraplex.gateway.config import GatewayConfig
 
 SLOW = {"model": "slow", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400}
 
@@ -107,3 +108,35 @@ def test_a_trace_starts_when_the_caller_sends_none(gw: GatewayHarness) -> None:
     span = gw.spans.get_finished_spans()[-1]
     assert sent.split("-")[1] == format(span.context.trace_id, "032x") and span.parent is None
     assert json.loads(json.dumps(dict(span.attributes)))["http.response.status_code"] == 200
+
+
+def test_served_name_and_parser_switches() -> None:
+    harness = GatewayHarness(GatewayConfig(served_model_name="my-base", reasoning_parser="none", tool_parser="none"))
+    try:
+        c = openai.OpenAI(base_url=harness.url + "/v1", api_key="x", max_retries=0)
+        assert c.models.list().data[0].id == "my-base"
+        assert c.completions.create(model="my-base", prompt="hi").model == "my-base"
+        assert harness.servicer.requests[-1].adapter == ""
+        with pytest.raises(openai.NotFoundError):  # the backend's own name is not served under an override
+            c.completions.create(model=BASE, prompt="hi")
+        think = c.chat.completions.create(model="think", messages=[{"role": "user", "content": "a"}], max_tokens=99)
+        assert think.choices[0].message.content.startswith("<think>")
+        tools = c.chat.completions.create(model="tools", messages=[{"role": "user", "content": "a"}], max_tokens=99,
+                                          tools=[{"type": "function", "function": {"name": "get_weather"}}])
+        assert tools.choices[0].message.tool_calls is None and tools.choices[0].finish_reason == "stop"
+    finally:
+        harness.close()
+
+
+def test_think_open_mode_reads_reasoning_until_the_closing_tag() -> None:
+    harness = GatewayHarness(GatewayConfig(reasoning_parser="think-open"))
+    try:
+        c = openai.OpenAI(base_url=harness.url + "/v1", api_key="x", max_retries=0)
+        base = c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "plan</think>done"}])
+        assert base.choices[0].message.model_extra["reasoning_content"] == "plan"
+        assert base.choices[0].message.content == "done"
+        off = c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "plain"}],
+                                        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert off.choices[0].message.content == "plain"
+    finally:
+        harness.close()
