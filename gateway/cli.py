@@ -10,8 +10,12 @@ Secrets may come from the environment, read when the command runs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from loraplex.gateway.config import REASONING_PARSERS, TOOL_PARSERS, ConfigError, GatewayConfig
@@ -85,9 +89,24 @@ def run(args: argparse.Namespace) -> int:
     from loraplex.gateway.tracing import setup_tracing
 
     setup_tracing()
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30)
+    with _sigterm_is_a_clean_stop():
+        uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=30)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_is_a_clean_stop() -> Iterator[None]:
+    """uvicorn drains on SIGTERM, then re-raises the signal to the previous handler; a no-op
+    handler there makes the drained exit status 0 (SIGINT keeps its KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import pytest
+from e2e_stack import loraplex_command, wait_healthy
+from gateway_harness import GatewayHarness, free_port
 from loraplex.gateway import cli
 from loraplex.gateway.config import ConfigError, GatewayConfig
 
@@ -70,3 +75,21 @@ def test_gateway_import_pulls_in_no_torch_and_no_server() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_command_serves_and_stops_cleanly_on_sigterm(gw: GatewayHarness, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*loraplex_command(), "gateway", "--backend", gw.config.backend, "--host",
+                                 "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "LORAPLEX_API_KEY": "k"})
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert client.completions.create(model="reverse", prompt="abc").choices[0].text == "cba"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="no", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
