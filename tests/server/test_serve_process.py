@@ -1,0 +1,153 @@
+"""A real ``loraplex serve`` process: the CLI as a new user runs it, vanishing clients, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from loraplex.backend.demo import expected_output
+from loraplex.clients import AsyncClient, Client
+
+from tests.server.harness import chat_request, metric_value, read_rest
+
+LOADER = [sys.executable, "-m", "loraplex.backend.cli"]
+SERVE_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+               "--grace-period", "30", "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 * 2**20)]
+
+
+def loraplex_command() -> list[str]:
+    """The console script when installed (as a user would type it), else the module."""
+    script = shutil.which("loraplex")
+    return [script] if script else LOADER
+
+
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[str]
+    target: str
+    metrics_url: str
+    log: Path
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
+            return resp.read().decode()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([*loraplex_command(), "serve", *SERVE_FLAGS, "--log-level", "INFO"],
+                                stdout=subprocess.PIPE, stderr=log_file, text=True)
+    assert proc.stdout is not None
+    metrics_line = proc.stdout.readline()  # "loraplex: metrics on http://<host>:<port>/metrics"
+    line = proc.stdout.readline()  # "loraplex: serving <model> on <host>:<port>"
+    assert "metrics on" in metrics_line and "serving" in line, (metrics_line, line, log.read_text())
+    target = line.strip().rsplit(" ", 1)[1]
+    served = ServeProcess(proc, target, metrics_line.strip().rsplit(" ", 1)[1], log)
+    yield served
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*loraplex_command(), *args], capture_output=True, text=True, timeout=120, input=stdin)
+
+
+def test_generate_from_the_terminal_as_a_new_user(served: ServeProcess) -> None:
+    base = cli("generate", "--target", served.target, "--chat", "--temperature", "0", "Hello there")
+    assert base.returncode == 0, base.stderr
+    assert base.stdout == expected_output(None, "Hello there") + "\n" and "finish_reason=stop" in base.stderr
+    upper = cli("generate", "--target", served.target, "--chat", "--temperature", "0", "--adapter", "upper",
+                "--stream", "Hello there")
+    assert upper.returncode == 0, upper.stderr
+    assert upper.stdout == expected_output("upper", "Hello there") + "\n"
+    listing = cli("adapters", "list", "--target", served.target)
+    assert listing.returncode == 0 and "reverse" in listing.stdout and "upper" in listing.stdout
+    missing = cli("generate", "--target", served.target, "--adapter", "nope", "hi")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+VANISHING_CLIENT = """
+import sys, threading
+from loraplex.clients import Client, pb
+client = Client(sys.argv[1])
+req = pb.GenerateRequest(prompt="vanish", params=pb.SamplingParameters(max_tokens=200, ignore_eos=True))
+streams = [client.generate_stream(req) for _ in range(8)]
+for s in streams:
+    next(s)
+print("streaming", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_clients_that_vanish_mid_stream_leave_nothing_behind(served: ServeProcess) -> None:
+    rss = []
+    for _ in range(3):
+        child = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, served.target], stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout is not None and child.stdout.readline().strip() == "streaming"
+        child.kill()  # no goodbye: the connection just drops
+        child.wait(10)
+        rss.append(served.rss_kib())
+    deadline = time.monotonic() + 20
+    with Client(served.target) as client:
+        while True:
+            client.generate(chat_request("tick", max_tokens=2), timeout=30)  # a step refreshes the gauges
+            text = served.scrape()
+            if metric_value(text, "loraplex_kv_cache_blocks_used") == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert metric_value(text, "loraplex_kv_cache_blocks_used") == 0
+    assert metric_value(text, "loraplex_num_requests_running") == 0
+    assert metric_value(text, "loraplex_grpc_streams_in_flight") == 0
+    assert metric_value(text, "loraplex_requests_total", 'outcome="cancelled"') >= 24
+    assert rss[-1] - rss[0] < 64 * 1024, rss
+
+
+def test_sigterm_drains_in_flight_streams_then_exits_0(served: ServeProcess) -> None:
+    async def run() -> list[list]:
+        async with AsyncClient(served.target) as client:
+            calls = [client.stub.Generate(chat_request(f"drain {i}", max_tokens=200, ignore_eos=True))
+                     for i in range(4)]
+            firsts = [await call.read() for call in calls]
+            served.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while await client.health() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not await client.health() and not await client.health("")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.generate(chat_request("too late"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert all(not call.done() for call in calls), "streams ended before the drain was checked"
+            return [[first, *await read_rest(call)] for first, call in zip(firsts, calls, strict=True)]
+
+    streams = asyncio.run(run())
+    for chunks in streams:
+        assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+        assert sum(len(c.token_ids) for c in chunks) == 200
+    assert served.proc.wait(timeout=30) == 0, served.log.read_text()[-3000:]
+
+
+def test_module_entry_point_help() -> None:
+    out = subprocess.run([*LOADER, "serve", "--help"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "LORAPLEX_API_KEY": ""})
+    assert out.returncode == 0 and "--grace-period" in out.stdout and "--lora NAME=SOURCE" in out.stdout
