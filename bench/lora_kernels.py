@@ -73,11 +73,11 @@ def make_layer(dims: list[tuple[int, list[int]]], tokens: int, device: str) -> l
 
 
 def set_bufs(calls: list[dict], partials: int | None) -> None:
-    """Preallocated shrink scratch per call: add_lora's default, [T, N] (0) or [P, T, N] partials."""
-    from loraplex.kernels.lora import DEFAULT_PARTIALS, lora_buffer
+    """Preallocated shrink scratch per call: add_lora's default (None), [T, N] (0) or [P, T, N] partials."""
+    from loraplex.kernels.lora import lora_buffer
 
     for c in calls:
-        c["buf"] = lora_buffer(c["x"].shape[0], c["lora_a"], DEFAULT_PARTIALS if partials is None else partials)
+        c["buf"] = lora_buffer(c["x"].shape[0], c["lora_a"], partials)
 
 
 def batch_slots(tokens: int, adapters: int, prefill: bool) -> list[int]:
@@ -205,8 +205,7 @@ def _fmt(r: Row) -> str:
 
 
 VARIANTS = {  # name: (split-K target programs, partials)
-    "atomic-256": (256, 0), "atomic-1024": (1024, 0), "atomic-4096": (4096, 0),
-    "part-1": (1024, 1), "part-2": (1024, 2), "part-4": (1024, 4), "part-8": (1024, 8),
+    "atomic-1024": (1024, 0), "part-4": (1024, 4), "part-8": (1024, 8), "part-16": (1024, 16),
 }
 SWEEP = [(64, 1, False), (64, 8, False), (64, 64, False), (128, 64, True), (256, 1, True), (256, 8, True),
          (256, 64, True)]  # tokens, adapters, prefill

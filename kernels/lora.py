@@ -27,7 +27,9 @@ Backend = Literal["auto", "triton", "torch"]
 Kind = Literal["auto", "sgmv", "bgmv"]
 
 BGMV_MAX_SEG_LEN = 2  # add_lora takes the per-token (BGMV) kernels when no segment is longer
-DEFAULT_PARTIALS = 0  # add_lora's own scratch: 0 = [T, N] (split-K by atomics), P = [P, T, N] partial sums
+# Shrink scratch of add_lora: P partial sums over H_in (no zeroing kernel, no atomics) up to
+# PARTIALS_MAX_TOKENS tokens, above that [T, N] with split-K by atomics. Chosen on an H100 (bench --sweep).
+PARTIALS, PARTIALS_MAX_TOKENS = 8, 512
 
 
 @dataclass
@@ -66,11 +68,14 @@ class LoRABatchMeta:
         )
 
 
-def lora_buffer(num_tokens: int, lora_a: Tensor, partials: int = DEFAULT_PARTIALS) -> Tensor:
-    """Float32 shrink scratch for add_lora: [T, n*R], or [P, T, n*R] for P partial sums over H_in.
+def lora_buffer(num_tokens: int, lora_a: Tensor, partials: int | None = None) -> Tensor:
+    """Float32 shrink scratch for add_lora: [T, n*R] (partials=0), or [P, T, n*R] for P partial sums
+    over H_in; by default P = PARTIALS up to PARTIALS_MAX_TOKENS tokens, else 0.
 
-    Preallocate one per layer shape (and batch size) for CUDA graphs; contents need no initialising.
+    Preallocate one per layer shape and batch size for CUDA graphs; contents need no initialising.
     """
+    if partials is None:
+        partials = PARTIALS if num_tokens <= PARTIALS_MAX_TOKENS else 0
     shape = (num_tokens, lora_a.shape[1]) if partials <= 0 else (partials, num_tokens, lora_a.shape[1])
     return torch.empty(shape, dtype=torch.float32, device=lora_a.device)
 
@@ -179,7 +184,7 @@ def add_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tenso
     if meta.no_lora:
         return
     _check(x, y, lora_a, lora_b, scales, out_slices)
-    if buf is None and DEFAULT_PARTIALS > 0:
+    if buf is None:
         buf = lora_buffer(x.shape[0], lora_a)
     if use_bgmv(meta, kind):
         h = bgmv_shrink(x, lora_a, meta, buf, backend)

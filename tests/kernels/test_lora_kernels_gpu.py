@@ -11,12 +11,15 @@ from test_lora_kernels import (
     LoRABatchMeta,
     add_lora,
     check_against_reference,
+    lora,
     lora_triton,
     make_case,
     request_slots,
     run_ops,
     token_slots,
 )
+
+PARTIALS = [0, lora.PARTIALS]  # [T, N] buffer with atomic split-K; [P, T, N] partial sums
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -55,12 +58,13 @@ def real_case(shape: str, layer: str, slots: list[int], seed: int, ranks: list[i
     return make_case(slots, num_slots, ranks or [16] * num_slots, h_in, outs, torch.bfloat16, "cuda", seed)
 
 
+@pytest.mark.parametrize("partials", PARTIALS)
 @pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_ops_real_shapes(shape: str, layer: str, kind: str):
+def test_ops_real_shapes(shape: str, layer: str, kind: str, partials: int):
     case = real_case(shape, layer, batch_slots(kind, seed=1), seed=1)
-    check_against_reference(case, kind, *run_ops(case, kind, lora_triton))
+    check_against_reference(case, kind, *run_ops(case, kind, lora_triton, partials))
 
 
 @pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
@@ -96,13 +100,14 @@ def _load_into(static: Case, new: Case, meta: LoRABatchMeta, seg_slots: list[int
     meta.seg_slots.copy_(torch.tensor(seg_slots, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("partials", PARTIALS)
 @pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_add_lora_replayed_in_cuda_graph(shape: str, layer: str, kind: str):
+def test_add_lora_replayed_in_cuda_graph(shape: str, layer: str, kind: str, partials: int):
     static = real_case(shape, layer, batch_slots(kind, seed=4), seed=4)
     meta = static.meta
-    buf = torch.empty(static.x.shape[0], static.lora_a.shape[1], device="cuda")
+    buf = lora.lora_buffer(static.x.shape[0], static.lora_a, partials)
     y = static.fresh_y()
     args = (static.x, static.lora_a, static.lora_b, static.scales, static.out_slices, meta)
     add_lora(y, *args, buf=buf, kind=kind)  # compile before capture
