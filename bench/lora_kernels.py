@@ -256,6 +256,12 @@ def kernel_profile(calls: list[dict], meta) -> str:
         for e in prof.key_averages():
             if e.device_time_total > 0:
                 lines.append(f"  {kind} {e.key[:40]:40s} n={e.count // 5:2d} {e.device_time_total / 5:8.1f} us/layer")
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        host_us = (time.perf_counter() - t0) * 1e6 / (20 * len(calls))
+        torch.cuda.synchronize()
+        lines.append(f"  {kind} host time per add_lora call (eager, no sync): {host_us:.1f} us")
     return "\n".join(lines)
 
 
