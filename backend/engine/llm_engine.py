@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 import torch
+
 from loraplex.backend.config import EngineConfig
 from loraplex.backend.engine.kv_cache import KVCacheManager
 from loraplex.backend.engine.output import OutputState, append_token, flush_text, make_output
@@ -177,7 +178,11 @@ class LLMEngine:
         s.preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries, s.prefix_cache_hits = self.kv.prefix_queries, self.kv.prefix_hits
         if self.adapters is not None:
-            self.adapters.fill_stats(s)
+            c = self.adapters.counts()
+            s.lora_slots_total, s.lora_slots_used = c.lora_slots_total, c.lora_slots_used
+            s.adapters_resident, s.adapters_cached = c.adapters_resident, c.adapters_cached
+            s.adapters_registered, s.adapter_evictions = c.adapters_registered, c.adapter_evictions
+            s.adapter_loads, s.adapter_load_seconds = c.source_loads, c.source_load_seconds
 
     # ---- chat
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from loraplex.backend.engine.sampler import Sampler, SamplingBatch, make_generator, prompt_logprobs
 from loraplex.backend.engine.scheduler import SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from loraplex.backend.config import EngineConfig
 from loraplex.backend.errors import ConfigError
 from loraplex.backend.models.llama import DecoderModel
@@ -68,6 +69,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                           f"{spec.max_positions}")
     adapters = build_registry(config, loaded, model_name, dtype, device) if config.lora.enable_lora else None
     num_blocks = kv_capacity(config, loaded.model, dtype, device, max_model_len)
+    capacity = num_blocks * config.cache.block_size
+    if capacity < max_model_len:  # a request longer than the whole cache could never run
+        log.warning("max_model_len lowered from %d to the KV cache capacity of %d tokens", max_model_len, capacity)
+        max_model_len = capacity
     if demo and adapters is not None:
         register_demo_adapters(adapters)
     if adapters is not None:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
 from loraplex.backend.layers.basic import RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
 from loraplex.backend.layers.context import get_context
 from loraplex.kernels.attention import paged_attention, write_kv
 from loraplex.lora.layers import LoRALinear
-from torch import nn
 
 
 @dataclass(frozen=True)

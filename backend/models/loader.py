@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+
 from loraplex.backend.errors import ConfigError, UnsupportedModelError
 from loraplex.backend.models.llama import FUSED, ArchSpec, DecoderModel
-from safetensors import safe_open
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ def tiny(request, tmp_path_factory):
 SETTINGS = {
     "default": {},
     "chunked_prefill": {"max_num_batched_tokens": 8},
-    "preemption": {"num_gpu_blocks_override": 10, "block_size": 4, "max_num_batched_tokens": 64},
+    "preemption": {"num_gpu_blocks_override": 24, "block_size": 4, "max_num_batched_tokens": 64},
     "no_prefix_cache": {"enable_prefix_caching": False},
 }
 
