@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class AdapterState(str, Enum):
+class AdapterState(StrEnum):
     RESIDENT = "resident"  # weights in a GPU slot
     CACHED = "cached"  # weights in host memory
     REGISTERED = "registered"  # known, weights only at the source
