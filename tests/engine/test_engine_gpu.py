@@ -1,0 +1,43 @@
+"""The engine on CUDA in bf16: logits close to HF transformers (+ PEFT) in float32, Triton LoRA path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from loraplex import LLM, SamplingParams
+from tests.engine_factory import assert_no_leaks, load_hf, write_tiny_model
+from tests.lora_factory import make_peft_adapter
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PROMPTS = [[5, 9, 17, 33, 2], [40, 41], [7] * 19, [100, 3, 8, 21, 60, 61, 62]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_logits_close_to_fp32_reference(tmp_path, arch):
+    base_dir = write_tiny_model(tmp_path / "base", arch, hidden_size=256, intermediate_size=512,
+                                num_attention_heads=8, num_key_value_heads=2, initializer_range=0.05)
+    hf = load_hf(base_dir)
+    adapter = make_peft_adapter(hf, tmp_path / "a", r=16, alpha=32, targets="all-linear", seed=1)
+    refs = {None: hf, "a": PeftModel.from_pretrained(copy.deepcopy(hf), adapter).eval()}
+    llm = LLM(str(base_dir), dtype="bfloat16", device="cuda", max_lora_rank=16)
+    llm.load_adapter("a", str(adapter))
+    captured: list[torch.Tensor] = []
+    model = llm.engine.runner.model
+    original = model.compute_logits
+    model.compute_logits = lambda h: captured.append(original(h)) or captured[-1]  # type: ignore[method-assign]
+    names = ["a", None, "a", None]
+    llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=1), adapters=names)
+    model.compute_logits = original  # type: ignore[method-assign]
+    for row, (prompt, name) in enumerate(zip(PROMPTS, names, strict=True)):
+        with torch.no_grad():
+            ref = refs[name](torch.tensor([prompt])).logits[0, -1].float()
+        got = captured[0][row].float().cpu()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert rel < 3e-2, f"row {row} ({name}): relative error {rel}"
+    assert_no_leaks(llm.engine)
