@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+
 from loraplex import __version__
 from loraplex.backend.cli_args import (
     API_KEY_ENV,

@@ -15,11 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from loraplex.backend.engine.stats import EngineStats
-from loraplex.backend.outputs import RequestOutput
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from loraplex.backend.engine.stats import EngineStats
+from loraplex.backend.outputs import RequestOutput
 
 log = logging.getLogger("loraplex.metrics")
 

@@ -20,8 +20,6 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from loraplex.backend.engine.request import EngineRequest
-from loraplex.backend.outputs import RequestOutput
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -33,6 +31,9 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from loraplex.backend.engine.request import EngineRequest
+from loraplex.backend.outputs import RequestOutput
 
 log = logging.getLogger("loraplex.tracing")
 TRACER_NAME = "loraplex"

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from loraplex.clients.common import (
     HEALTH_SERVICE,
     GenerateResult,

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+
 from loraplex.clients.v1 import inference_pb2 as pb
 
 Metadata = Sequence[tuple[str, str]]

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from loraplex.backend.server.messages import Msg
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

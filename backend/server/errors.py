@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+
 from loraplex.backend.errors import InvalidRequestError, LoraplexError
 from loraplex.backend.server.messages import Msg
 

@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+
 from loraplex.backend.metrics import Metrics
 from loraplex.backend.server.auth import AuthInterceptor
 from loraplex.backend.server.config import ServerConfig
@@ -29,7 +31,6 @@ from loraplex.backend.server.health import SERVICE_NAME, EngineHealth
 from loraplex.backend.server.servicer import InferenceServicer
 from loraplex.backend.tracing import get_tracer
 from loraplex.clients.v1 import inference_pb2 as pb
-from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("loraplex.server")
 

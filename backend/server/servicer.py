@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+
 from loraplex import __version__
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.backend.errors import EngineDrainingError, InvalidRequestError
@@ -28,7 +30,6 @@ from loraplex.backend.server.messages import Msg
 from loraplex.backend.tracing import GenerateSpanRecorder, extract_context, request_attributes
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.clients.v1 import inference_pb2_grpc as pb_grpc
-from opentelemetry import trace
 
 TOKEN_TEXT_CACHE = 65536
 

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from loraplex.clients import AsyncClient, Client, codegen, pb, pb_grpc
 
 FORBIDDEN = ("torch", "transformers", "loraplex.backend", "loraplex.lora", "loraplex.kernels")

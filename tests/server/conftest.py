@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from loraplex.backend.tracing import configure_tracing
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from loraplex.backend.tracing import configure_tracing
 from tests.server.harness import RunningServer, start_server, stop_server
 
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry.sdk.trace import TracerProvider
+
 from loraplex.backend.config import EngineConfig
 from loraplex.backend.engine.async_engine import AsyncEngine
 from loraplex.backend.metrics import Metrics
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
 from loraplex.clients import pb
-from opentelemetry.sdk.trace import TracerProvider
 
 T = TypeVar("T")
 SMALL_ENGINE = {"max_model_len": 256, "max_num_seqs": 64, "max_num_batched_tokens": 512,

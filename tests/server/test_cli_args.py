@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from loraplex.backend import cli, cli_args
 from loraplex.backend.config import EngineConfig
 from loraplex.backend.errors import ConfigError

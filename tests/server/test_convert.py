@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+
 from loraplex.backend.errors import InvalidRequestError
 from loraplex.backend.outputs import Logprob, RequestOutput, RequestTimings, Usage
 from loraplex.backend.server import convert

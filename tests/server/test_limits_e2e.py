@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from loraplex.backend.demo import expected_output
 from loraplex.clients import AsyncClient, Client
-
 from tests.server.harness import RunningServer, chat_request, start_server, stop_server
 
 MAX_RUNNING, MAX_WAITING = 2, 4

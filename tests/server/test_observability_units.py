@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import generate_latest
+
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.backend.engine.stats import EngineStats
 from loraplex.backend.metrics import Metrics
@@ -14,8 +17,6 @@ from loraplex.backend.tracing import (
     get_tracer,
     request_attributes,
 )
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import generate_latest
 
 
 def scrape(metrics: Metrics) -> str:

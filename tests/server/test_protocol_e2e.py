@@ -11,10 +11,10 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loraplex.backend.demo import DEMO_ADAPTERS, expected_output
-from loraplex.clients import Client, pb
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from loraplex.backend.demo import DEMO_ADAPTERS, expected_output
+from loraplex.clients import Client, pb
 from tests.server.harness import RunningServer, chat_request
 
 SERVICE = "loraplex.v1.InferenceService"

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from loraplex.backend.demo import DEMO_ADAPTERS, expected_output
 from loraplex.backend.server.config import ServerConfig
 from loraplex.clients import Client, pb
-
 from tests.server.harness import RunningServer, chat_request
 
 TOKEN = "s3cret-token"

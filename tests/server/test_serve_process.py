@@ -16,9 +16,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from loraplex.backend.demo import expected_output
 from loraplex.clients import AsyncClient, Client
-
 from tests.server.harness import chat_request, metric_value, read_rest
 
 LOADER = [sys.executable, "-m", "loraplex.backend.cli"]
@@ -73,13 +73,15 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 
 
 def test_generate_from_the_terminal_as_a_new_user(served: ServeProcess) -> None:
-    base = cli("generate", "--target", served.target, "--chat", "--temperature", "0", "Hello there")
+    """The README's quick start, word for word (plus --target for the test's port)."""
+    common = ("generate", "--target", served.target, "--chat", "--temperature", "0", "--max-tokens", "32")
+    base = cli(*common, "Hello world")
     assert base.returncode == 0, base.stderr
-    assert base.stdout == expected_output(None, "Hello there") + "\n" and "finish_reason=stop" in base.stderr
-    upper = cli("generate", "--target", served.target, "--chat", "--temperature", "0", "--adapter", "upper",
-                "--stream", "Hello there")
-    assert upper.returncode == 0, upper.stderr
-    assert upper.stdout == expected_output("upper", "Hello there") + "\n"
+    assert base.stdout == "Hello world\n" and "finish_reason=stop" in base.stderr
+    reverse = cli(*common, "--adapter", "reverse", "Hello world")
+    assert reverse.returncode == 0 and reverse.stdout == "dlrow olleH\n", reverse.stderr
+    upper = cli(*common, "--adapter", "upper", "--stream", "Hello world")
+    assert upper.returncode == 0 and upper.stdout == expected_output("upper", "Hello world") + "\n", upper.stderr
     listing = cli("adapters", "list", "--target", served.target)
     assert listing.returncode == 0 and "reverse" in listing.stdout and "upper" in listing.stdout
     missing = cli("generate", "--target", served.target, "--adapter", "nope", "hi")
