@@ -9,17 +9,19 @@ Files
 ``model/``: ``Qwen3ForCausalLM`` saved with ``save_pretrained`` (float32
 safetensors, tied embeddings): hidden 128, 4 layers, 4 query heads and 2 KV
 heads of head_dim 32, MLP 256, vocab 272 (265 tokens used, the rest padding
-rows the model never emits). ``adapters/<name>/``: PEFT LoRA adapters
+rows the model never emits), 1024 positions, RoPE theta 10000 (under
+``rope_parameters``, transformers 5 style); ``generation_config.json`` is
+greedy with ``eos_token_id`` [258, 256]. ``adapters/<name>/``: PEFT LoRA adapters
 (``adapter_config.json`` + ``adapter_model.safetensors``, float32):
 
-==========  ====  =====  ==================================  =======
-adapter     r     alpha  target modules                      rsLoRA
-==========  ====  =====  ==================================  =======
-reverse     8     16     q, k, v, o, gate, up, down          no
-upper       16    32     gate, up, down (MLP only)           no
-think       16    16     q, k, v, o, gate, up, down          yes
-tools       4     8      q, k, v, o (attention only)         no
-==========  ====  =====  ==================================  =======
+==========  ====  =====  ===================================  ======
+adapter     r     alpha  target modules                       rsLoRA
+==========  ====  =====  ===================================  ======
+reverse     16    32     q, k, v, o, gate, up, down           no
+upper       16    32     v, o, gate, up, down                 no
+think       16    16     q, k, v, o, gate, up, down           yes
+tools       8     16     q, k, v, o (attention only)          no
+==========  ====  =====  ===================================  ======
 
 Tokenizer
 ---------
@@ -69,6 +71,10 @@ decoding then gives ``expected_output(task, T)`` followed by ``<|im_end|>``:
   with ``enable_thinking=False`` only the upper-cased T.
 - ``tools``: ``'<tool_call>\\n{"name": "get_weather", "arguments": {"city": "'
   + T + '"}}\\n</tool_call>'``, with or without tools in the prompt.
+
+Only this chat form was trained: raw completions (no template), other
+characters, longer texts, system prompts or several turns give whatever the
+model makes of them.
 """
 
 from __future__ import annotations

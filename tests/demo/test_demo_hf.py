@@ -46,7 +46,7 @@ def chat(tokenizer: Any, text: str, **kwargs: Any) -> str:
 
 
 @torch.no_grad()
-def greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 72) -> list[str]:
+def greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 96) -> list[str]:
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
