@@ -5,14 +5,15 @@ answered as vLLM does: plain text ``Success: LoRA adapter '<name>' added success
 from __future__ import annotations
 
 import grpc
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
 from loraplex.gateway.errors import OpenAIError, from_grpc
 from loraplex.gateway.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from loraplex.gateway.responses import ModelCard, ModelList
 from loraplex.gateway.security import read_json
 from loraplex.gateway.serving import validate
 from loraplex.gateway.state import GatewayState
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 
 async def list_models(request: Request) -> Response:

@@ -14,6 +14,13 @@ from contextlib import asynccontextmanager
 
 import grpc
 from fastapi import FastAPI
+from opentelemetry.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
 from loraplex import __version__
 from loraplex.clients import AsyncClient
 from loraplex.gateway.adapters import list_models, load_lora_adapter, unload_lora_adapter
@@ -25,12 +32,6 @@ from loraplex.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from loraplex.gateway.security import ApiKeyMiddleware
 from loraplex.gateway.state import BackendClient, GatewayState
 from loraplex.gateway.tracing import get_tracer
-from opentelemetry.trace import TracerProvider
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 ClientFactory = Callable[[GatewayConfig], BackendClient]
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
+
 from loraplex.clients import pb
 from loraplex.gateway.errors import OpenAIError, from_grpc
 

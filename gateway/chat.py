@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from starlette.requests import Request
+from starlette.responses import Response
+
 from loraplex.clients import pb
 from loraplex.gateway import sse
 from loraplex.gateway.backend import Folded
@@ -33,8 +36,6 @@ from loraplex.gateway.serving import respond, total_usage, validate
 from loraplex.gateway.state import GatewayState, Target
 from loraplex.gateway.tool_parser import ParsedToolCall
 from loraplex.gateway.translate import chat_requests
-from starlette.requests import Request
-from starlette.responses import Response
 
 ROUTE = "/v1/chat/completions"
 

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"loraplex gateway: {exc}", file=sys.stderr)
         return 2
     import uvicorn
+
     from loraplex.gateway.app import create_app
     from loraplex.gateway.tracing import setup_tracing
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from starlette.requests import Request
+from starlette.responses import Response
+
 from loraplex.clients import pb
 from loraplex.gateway import sse
 from loraplex.gateway.backend import Folded
@@ -26,8 +29,6 @@ from loraplex.gateway.security import read_json
 from loraplex.gateway.serving import respond, total_usage, validate
 from loraplex.gateway.state import GatewayState, Target
 from loraplex.gateway.translate import completion_requests
-from starlette.requests import Request
-from starlette.responses import Response
 
 ROUTE = "/v1/completions"
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from loraplex.gateway.errors import OpenAIError, bad_request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loraplex.gateway.errors import OpenAIError, bad_request
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256

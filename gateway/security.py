@@ -6,10 +6,11 @@ import hmac
 import json
 from typing import Any
 
-from loraplex.gateway.errors import OpenAIError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from loraplex.gateway.errors import OpenAIError
 
 OPEN_PATHS = frozenset({"/health"})  # probes carry no key; everything else needs it
 

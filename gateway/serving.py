@@ -9,6 +9,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, TypeVar
 
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
 from loraplex.clients import pb
 from loraplex.gateway import sse
 from loraplex.gateway.backend import Fanout, Folded
@@ -16,9 +20,6 @@ from loraplex.gateway.errors import OpenAIError, from_validation
 from loraplex.gateway.responses import Usage
 from loraplex.gateway.state import GatewayState
 from loraplex.gateway.tracing import RequestSpan
-from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
 
 M = TypeVar("M", bound=BaseModel)
 CLIENT_CLOSED = 499

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from loraplex.gateway.errors import OpenAIError
 from pydantic import BaseModel
+
+from loraplex.gateway.errors import OpenAIError
 
 DONE = "data: [DONE]\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from opentelemetry.trace import Tracer
+
 from loraplex.clients import pb
 from loraplex.gateway.config import GatewayConfig
 from loraplex.gateway.errors import from_grpc
@@ -16,7 +18,6 @@ from loraplex.gateway.metrics import GatewayMetrics
 from loraplex.gateway.reasoning import ReasoningParser
 from loraplex.gateway.tool_parser import HermesToolParser
 from loraplex.gateway.tracing import RequestSpan
-from opentelemetry.trace import Tracer
 
 Metadata = Sequence[tuple[str, str]]
 

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from e2e_stack import Stack, start_stack  # noqa: E402
 from gateway_harness import GatewayHarness  # noqa: E402
+
 from loraplex.gateway.config import GatewayConfig  # noqa: E402
 
 

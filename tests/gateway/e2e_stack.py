@@ -16,7 +16,7 @@ from pathlib import Path
 from gateway_harness import free_port
 
 SERVE_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-               "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 * 2**20)]
+               "--kv-cache-memory-bytes", str(32 * 2**20)]
 
 
 def loraplex_command() -> list[str]:

@@ -14,6 +14,7 @@ import json
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from loraplex.clients import pb, pb_grpc
 
 BASE = "fake-base"

@@ -13,11 +13,12 @@ from typing import Any, TypeVar
 
 import uvicorn
 from fake_backend import FakeServicer, start_fake_backend
-from loraplex.gateway.app import create_app
-from loraplex.gateway.config import GatewayConfig
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from loraplex.gateway.app import create_app
+from loraplex.gateway.config import GatewayConfig
 
 T = TypeVar("T")
 

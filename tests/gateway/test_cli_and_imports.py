@@ -13,6 +13,7 @@ import openai
 import pytest
 from e2e_stack import loraplex_command, wait_healthy
 from gateway_harness import GatewayHarness, free_port
+
 from loraplex.gateway import cli
 from loraplex.gateway.config import ConfigError, GatewayConfig
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from e2e_stack import API_KEY, Stack, metric_value
+
 from loraplex.backend.demo import (
     DEMO_ADAPTERS,
     DEMO_MODEL_DIR,
@@ -36,7 +38,7 @@ def user(text: str = TEXT) -> list[dict[str, str]]:
 
 
 def grpc_text(stack: Stack, **fields: Any) -> str:
-    params = pb.SamplingParameters(temperature=0, max_tokens=GREEDY["max_tokens"])
+    params = fields.pop("params", None) or pb.SamplingParameters(temperature=0, max_tokens=GREEDY["max_tokens"])
     with Client(stack.target) as client:
         return client.generate(pb.GenerateRequest(params=params, **fields), timeout=60).text
 
@@ -149,21 +151,28 @@ def test_typed_errors(stack: Stack) -> None:
 
 def test_disconnect_mid_stream_frees_the_backend_request(stack: Stack) -> None:
     before = metric_value(stack.backend_metrics(), "loraplex_requests_total", 'outcome="cancelled"')
-    body = {"model": DEMO_MODEL_NAME, "messages": user(), "max_tokens": 200, "temperature": 0,
+    body = {"model": "upper", "messages": user(), "max_tokens": 500, "temperature": 0,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", stack.url + "/v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(4):
             next(lines)
-    deadline = time.monotonic() + 15
+    assert wait_for(lambda: metric_value(stack.backend_metrics(), "loraplex_requests_total",
+                                         'outcome="cancelled"') > before), "the gRPC call was not cancelled"
+    assert wait_for(lambda: metric_value(stack.backend_metrics(), "loraplex_grpc_streams_in_flight") == 0)
+    with Client(stack.target) as client:
+        assert wait_for(lambda: all(a.running_requests == 0 for a in client.list_adapters()))
+    assert wait_for(lambda: metric_value(stack.backend_metrics(), "loraplex_num_requests_running") == 0), (
+        "the engine still counts the cancelled request as running:\n" + stack.backend_metrics())
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = stack.backend_metrics()
-        if (metric_value(text, "loraplex_num_requests_running") == 0
-                and metric_value(text, "loraplex_grpc_streams_in_flight") == 0
-                and metric_value(text, "loraplex_requests_total", 'outcome="cancelled"') > before):
-            return
+        if predicate():
+            return True
         time.sleep(0.1)
-    pytest.fail(f"backend request not freed:\n{stack.backend_metrics()}")
+    return predicate()
 
 
 def test_health_and_metrics(stack: Stack) -> None:

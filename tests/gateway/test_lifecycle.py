@@ -9,6 +9,7 @@ import openai
 import pytest
 from fake_backend import BASE
 from gateway_harness import GatewayHarness
+
 from loraplex.gateway.config import GatewayConfig
 
 SLOW = {"model": "slow", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400}

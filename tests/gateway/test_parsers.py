@@ -6,6 +6,7 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from loraplex.gateway.output import OutputParser, ParsedDelta, parse_whole
 from loraplex.gateway.reasoning import ReasoningParser, partial_suffix, split_reasoning
 from loraplex.gateway.tool_parser import HermesToolParser, extract_tool_calls

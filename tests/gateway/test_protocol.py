@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from loraplex.gateway.errors import OpenAIError, from_validation, loc_to_param
 from loraplex.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.gateway.serving import validate

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from e2e_stack import Stack
+
 from loraplex.backend.demo import DEMO_MODEL_DIR
 from loraplex.gateway import cli
 

@@ -7,6 +7,7 @@ import openai
 import pytest
 from fake_backend import BASE
 from gateway_harness import GatewayHarness
+
 from loraplex.gateway.security import key_matches
 
 ROUTES = [("GET", "/v1/models", None), ("GET", "/metrics", None),

@@ -6,6 +6,7 @@ import json
 
 import grpc
 import pytest
+
 from loraplex.gateway.errors import from_grpc
 from loraplex.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.gateway.translate import chat_requests, completion_requests
