@@ -22,7 +22,9 @@ from loraplex.backend.server.server import GrpcServer
 from loraplex.clients import pb
 
 T = TypeVar("T")
-SMALL_ENGINE = {"max_model_len": 256, "max_num_seqs": 64, "max_num_batched_tokens": 512,
+# on the CPU even where a GPU is present: these tests are about the server, and their timing
+# assumptions (deadlines, drains) hold for the demo model on a CPU
+SMALL_ENGINE = {"device": "cpu", "max_model_len": 256, "max_num_seqs": 64, "max_num_batched_tokens": 512,
                 "kv_cache_memory_bytes": 32 * 2**20}
 
 

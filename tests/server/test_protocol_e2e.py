@@ -55,7 +55,7 @@ def _raw_generate(channel: grpc.Channel, data: bytes) -> grpc.StatusCode:
         call.cancel()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=256))
 def test_fuzzed_request_bytes_never_crash_the_server(demo: RunningServer, data: bytes) -> None:
     with grpc.insecure_channel(demo.target) as channel:
@@ -76,7 +76,7 @@ def _fields() -> st.SearchStrategy[bytes]:
     return request.map(lambda r: r.SerializeToString())
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=_fields())
 def test_fuzzed_field_values_never_crash_the_server(demo: RunningServer, data: bytes) -> None:
     with grpc.insecure_channel(demo.target) as channel:

@@ -22,7 +22,7 @@ from loraplex.clients import AsyncClient, Client
 from tests.server.harness import chat_request, metric_value, read_rest
 
 LOADER = [sys.executable, "-m", "loraplex.backend.cli"]
-SERVE_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+SERVE_FLAGS = ["--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                "--grace-period", "30", "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 * 2**20)]
 
 
