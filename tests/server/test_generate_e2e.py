@@ -84,27 +84,44 @@ def test_64_mixed_streams_while_adapters_load_and_unload(demo: RunningServer) ->
     asyncio.run(run())
 
 
+def steps(rs: RunningServer) -> int:
+    return rs.engine.engine.stats.num_steps
+
+
+async def steps_until_gone(rs: RunningServer, request_ids: set[str]) -> int:
+    """Engine steps run until none of ``request_ids`` is held by the engine any more."""
+    before = steps(rs)
+    while request_ids & set(rs.engine.engine.seqs):
+        await asyncio.sleep(0.001)
+    return steps(rs) - before
+
+
 def test_cancel_half_of_32_streams_frees_kv(demo: RunningServer) -> None:
-    """8 cancelled by the client, 8 by a deadline, 16 finish; KV returns to where it started."""
+    """Over base + adapters: 8 cancelled by the client (gone within a step), 8 by a deadline,
+    16 finish; KV blocks and adapter pins return to where they started."""
     start = kv_used(demo)
+    adapters = ["", "reverse", "upper", "think"]
+    long = [chat_request(f"stream {i}", adapters[i % 4], max_tokens=200, ignore_eos=True, request_id=f"c{i}")
+            for i in range(32)]
 
     async def run() -> None:
         async with AsyncClient(demo.target) as client:
-            long = [chat_request(f"stream {i}", max_tokens=200, ignore_eos=True) for i in range(32)]
             calls = [client.stub.Generate(r) for r in long[8:]]
             for call in calls:
                 first = await call.read()
                 assert first != grpc.aio.EOF and not first.finished
             assert kv_used(demo) > start
+            assert sum(a.running_requests for a in demo.engine.list_adapters()) == 18
             expiring = [client.stub.Generate(r, timeout=0.5) for r in long[:8]]
             for call in calls[:8]:
                 call.cancel()
+            assert await steps_until_gone(demo, {r.request_id for r in long[8:16]}) <= 2
             for call in expiring:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await read_rest(call)
                 assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            finished = [(await read_rest(call))[-1].finished for call in calls[8:]]
-            assert finished == [True] * 16
+            finished = [(await read_rest(call))[-1] for call in calls[8:]]
+            assert [f.finish_reason for f in finished] == ["length"] * 16
             await wait_idle(demo)
 
     asyncio.run(run())
