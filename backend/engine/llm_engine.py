@@ -113,6 +113,7 @@ class LLMEngine:
             return None
         out = make_output(seq, [], flush_text(seq.state) if error is None else "", None, "abort", error=error)
         self._finish(seq)
+        self._update_stats()  # the engine may go idle now: gauges must not keep the aborted request
         return out
 
     def has_unfinished(self) -> bool:
@@ -127,7 +128,8 @@ class LLMEngine:
             slot_of = self._assign_slots(sched)
             result = self.runner.execute(sched, slot_of)
             outputs = self._process(sched, result)
-        self._update_stats(sched)
+        self.stats.num_steps += 1
+        self._update_stats()
         self.stats.last_step_started = 0.0
         return outputs
 
@@ -169,9 +171,8 @@ class LLMEngine:
             self.adapters.release(seq.adapter)
             seq.adapter = None
 
-    def _update_stats(self, sched: SchedulerOutput) -> None:
+    def _update_stats(self) -> None:
         s = self.stats
-        s.num_steps += 1
         s.num_waiting = len(self.scheduler.waiting)
         s.num_running = len(self.scheduler.running)
         s.kv_blocks_used = self.kv.num_used_blocks
