@@ -75,6 +75,10 @@ class AsyncEngine:
     def device(self) -> str:
         return str(self.engine.device)
 
+    @property
+    def dtype(self) -> str:
+        return str(self.engine.parts.dtype).removeprefix("torch.")
+
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                             template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
         return self.engine.apply_chat_template(messages, tools, template_kwargs, add_generation_prompt)
