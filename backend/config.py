@@ -58,7 +58,8 @@ class ModelConfig(_Validated):
 class CacheConfig(_Validated):
     block_size: int = opt(16, "tokens per KV-cache block", choices=(1, 2, 4, 8, 16, 32, 64, 128))
     gpu_memory_utilization: float = opt(0.9, "share of GPU memory the engine may use (weights + KV)", lo=0.05, hi=0.99)
-    kv_cache_memory_bytes: int = opt(256 * 2**20, "KV cache size on CPU, in bytes", lo=1)
+    kv_cache_memory_bytes: int | None = opt(
+        None, "KV cache size in bytes; on CPU none = 256 MiB; on CUDA it replaces gpu_memory_utilization", lo=1)
     num_gpu_blocks_override: int | None = opt(None, "number of KV blocks, overriding the computed capacity", lo=1)
     enable_prefix_caching: bool = opt(True, "reuse KV blocks of identical prefixes (keyed by adapter version too)")
 

@@ -68,7 +68,15 @@ def measure(model_dir: Path, adapters: list[Path], names: list[str | None], args
     llm.generate(prompts[:4], params[:4], adapters=names[:4])  # warm-up
     sync()
     t = time.perf_counter()
-    outs = llm.generate(prompts, params, adapters=names)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        outs = prof.runcall(llm.generate, prompts, params, adapters=names)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    else:
+        outs = llm.generate(prompts, params, adapters=names)
     sync()
     dt = time.perf_counter() - t
     assert all(len(o.token_ids) == args.gen for o in outs)
@@ -90,6 +98,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the base case only")
     args = ap.parse_args()
     if args.tiny:
         args.batch, args.prompt, args.gen, args.adapters = 4, 8, 4, 2
@@ -102,6 +111,9 @@ def main() -> None:
                "torch": torch.__version__, "batch": args.batch, "prompt": args.prompt, "gen": args.gen,
                "date": time.strftime("%Y-%m-%d")}
         res["base"] = measure(model_dir, [], base, args, enable_lora=False)
+        if args.profile:
+            print(json.dumps(res))
+            return
         res["lora_idle"] = measure(model_dir, adapters[:1], base, args, max_loras=1)
         res["lora_1"] = measure(model_dir, adapters[:1], ["a0"] * args.batch, args, max_loras=1)
         res[f"lora_{n}"] = measure(model_dir, adapters, [f"a{i % n}" for i in range(args.batch)], args, max_loras=n)

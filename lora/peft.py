@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+
 from loraplex.backend.config import LoRAConfig
 from loraplex.backend.errors import AdapterLoadError
 from loraplex.lora.peft_keys import (
@@ -30,7 +32,6 @@ from loraplex.lora.peft_keys import (
     plan_weights,
 )
 from loraplex.lora.peft_source import Resolved, fingerprint, resolve
-from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 

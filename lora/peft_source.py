@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
+
 from loraplex.backend.config import LoRAConfig
 from loraplex.backend.errors import AdapterLoadError, AdapterSourceForbiddenError
 

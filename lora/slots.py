@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.backend.errors import AdapterLoadError
 from loraplex.lora.peft import LoRAWeights
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from itertools import chain
 
 import torch
+from torch import Tensor
+
 from loraplex.backend.outputs import Logprob
 from loraplex.backend.sampling_params import SamplingParams
-from torch import Tensor
 
 _NEG_INF = float("-inf")
 _BIG = torch.finfo(torch.float32).max  # +inf logits become this, so softmax stays finite

@@ -16,6 +16,8 @@ from loraplex.backend.models.loader import load_model, resolve_model_path
 
 log = logging.getLogger(__name__)
 
+CPU_KV_BYTES = 256 * 2**20  # KV cache size on CPU unless configured
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -109,12 +111,14 @@ def kv_capacity(config: EngineConfig, model: DecoderModel, dtype: torch.dtype, d
     per_block = ModelRunner.bytes_per_block(model, cc.block_size, dtype)
     if cc.num_gpu_blocks_override is not None:
         num = cc.num_gpu_blocks_override
+    elif cc.kv_cache_memory_bytes is not None:
+        num = cc.kv_cache_memory_bytes // per_block
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserve = total * (1 - cc.gpu_memory_utilization) + activation_reserve(config, model)
         num = int((free - reserve) // per_block)
     else:
-        num = cc.kv_cache_memory_bytes // per_block
+        num = CPU_KV_BYTES // per_block
     if num * cc.block_size < config.cache.block_size or num < 1:
         raise ConfigError(f"KV cache too small: {num} blocks of {cc.block_size} tokens; raise "
                           "gpu_memory_utilization / kv_cache_memory_bytes or num_gpu_blocks_override")

@@ -39,7 +39,7 @@ def test_sampling_params_at_the_limit_are_accepted(kwargs):
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = write_tiny_model(tmp_path_factory.mktemp("bad"), "llama")
-    return LLM(str(path), dtype="float32", max_model_len=64, max_loras=2, max_lora_rank=8)
+    return LLM(str(path), dtype="float32", kv_cache_memory_bytes=2**26, max_model_len=64, max_loras=2, max_lora_rank=8)
 
 
 def request_cases(vocab: int) -> list[tuple[EngineRequest, str]]:

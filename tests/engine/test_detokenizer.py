@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from loraplex.backend.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from transformers import PreTrainedTokenizerBase
 
+from loraplex.backend.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from tests.tokenizers_factory import SAMPLE_TEXTS, all_tokenizers, byte_fallback_ids
 
 TOKENIZERS = all_tokenizers()

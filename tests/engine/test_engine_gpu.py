@@ -25,7 +25,7 @@ def test_bf16_logits_close_to_fp32_reference(tmp_path, arch):
     hf = load_hf(base_dir)
     adapter = make_peft_adapter(hf, tmp_path / "a", r=16, alpha=32, targets="all-linear", seed=1)
     refs = {None: hf, "a": PeftModel.from_pretrained(copy.deepcopy(hf), adapter).eval()}
-    llm = LLM(str(base_dir), dtype="bfloat16", device="cuda", max_lora_rank=16)
+    llm = LLM(str(base_dir), dtype="bfloat16", device="cuda", kv_cache_memory_bytes=2**28, max_lora_rank=16)
     llm.load_adapter("a", str(adapter))
     captured: list[torch.Tensor] = []
     model = llm.engine.runner.model

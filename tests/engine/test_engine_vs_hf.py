@@ -38,7 +38,7 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_greedy_matches_hf(tiny, setting):
     path, prompts, expected = tiny
-    llm = LLM(str(path), dtype="float32", enable_lora=False, **SETTINGS[setting])
+    llm = LLM(str(path), dtype="float32", kv_cache_memory_bytes=2**26, enable_lora=False, **SETTINGS[setting])
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_NEW))
     for out, exp in zip(outs, expected, strict=True):
         assert out.token_ids == exp
@@ -53,7 +53,7 @@ def test_prefix_cache_hits_and_matches_hf(tiny):
     shared = prompts[-1][:48]
     batch = [shared + p[:5] for p in prompts[:8]]
     expected = [hf_greedy(hf, p, 6, hf.config.eos_token_id) for p in batch]
-    llm = LLM(str(path), dtype="float32", enable_lora=False, block_size=16)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory_bytes=2**26, enable_lora=False, block_size=16)
     first = llm.generate(batch[:1], SamplingParams(temperature=0.0, max_tokens=6))
     rest = llm.generate(batch[1:], SamplingParams(temperature=0.0, max_tokens=6))
     outs = first + rest

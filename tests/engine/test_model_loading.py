@@ -15,7 +15,7 @@ PROMPTS = [[5, 9, 17, 33, 2, 8, 90, 4] * 3, [40, 41]]
 
 def _check_against_hf(path, **engine):
     hf = load_hf(path)
-    llm = LLM(str(path), dtype="float32", enable_lora=False, **engine)
+    llm = LLM(str(path), dtype="float32", kv_cache_memory_bytes=2**26, enable_lora=False, **engine)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=10))
     for out, prompt in zip(outs, PROMPTS, strict=True):
         assert out.token_ids == hf_greedy(hf, prompt, 10, hf.config.eos_token_id)

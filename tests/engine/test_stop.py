@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from loraplex.backend.engine.stop import StopStringMatcher
 
 HYPOTHESIS = settings(max_examples=400, deadline=None)

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+
 from loraplex.kernels import lora, lora_torch  # noqa: E402
 from loraplex.kernels.lora import LoRABatchMeta, add_lora  # noqa: E402
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loraplex.lora import peft_source
-from loraplex.lora.peft import BaseModelSpec
 from transformers import PreTrainedModel
 
+from loraplex.lora import peft_source
+from loraplex.lora.peft import BaseModelSpec
 from tests.lora_factory import make_peft_adapter, make_tiny_model
 
 # name -> (r, alpha, target_modules, use_rslora, seed)

@@ -41,7 +41,7 @@ def world(tmp_path_factory):
 
 
 def make_engine(base_dir, root, **kw) -> AsyncEngine:
-    cfg = EngineConfig.from_kwargs(model=str(base_dir), dtype="float32", max_loras=2, max_lora_rank=8,
+    cfg = EngineConfig.from_kwargs(model=str(base_dir), dtype="float32", kv_cache_memory_bytes=2**26, max_loras=2, max_lora_rank=8,
                                    adapter_roots=[str(root / "adapters"), str(root / "bad")], **kw)
     return AsyncEngine(cfg)
 

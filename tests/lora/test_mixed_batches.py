@@ -42,7 +42,7 @@ def setup(request, tmp_path_factory):
 
 
 def _llm(base_dir, dirs, **kw) -> LLM:
-    llm = LLM(str(base_dir), dtype="float32", max_lora_rank=16, **kw)
+    llm = LLM(str(base_dir), dtype="float32", kv_cache_memory_bytes=2**26, max_lora_rank=16, **kw)
     for name, d in dirs.items():
         llm.load_adapter(name, str(d))
     return llm

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from loraplex.backend.config import LoRAConfig
-from loraplex.lora import peft_source
-from loraplex.lora.peft import BaseModelSpec, load_peft_adapter, resolve_adapter_source
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from loraplex.backend.config import LoRAConfig
+from loraplex.lora import peft_source
+from loraplex.lora.peft import BaseModelSpec, load_peft_adapter, resolve_adapter_source
 from tests.lora_factory import edit_adapter_config, make_peft_adapter, make_tiny_model, peft_lora_weights
 
 ALL = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

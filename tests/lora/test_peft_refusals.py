@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from loraplex.backend.config import LoRAConfig
 from loraplex.backend.errors import AdapterLoadError, AdapterSourceForbiddenError
 from loraplex.lora.peft import BaseModelSpec, load_peft_adapter
-from safetensors.torch import load_file, save_file
-
 from tests.lora_factory import edit_adapter_config
 
 ST = "adapter_model.safetensors"

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import PreTrainedModel
+
 from loraplex.backend.config import LoRAConfig
 from loraplex.backend.errors import (
     AdapterExistsError,
@@ -24,8 +26,6 @@ from loraplex.lora.peft import BaseModelSpec, LoRAWeights, load_peft_adapter
 from loraplex.lora.registry import AdapterRegistry, AdapterVersion
 from loraplex.lora.slots import LoRASlots, targets_from_spec
 from loraplex.lora.types import AdapterState
-from transformers import PreTrainedModel
-
 from tests.lora_factory import make_peft_adapter
 
 Factory = Callable[..., AdapterRegistry]

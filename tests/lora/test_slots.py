@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
+
 from loraplex.backend.config import LoRAConfig
 from loraplex.backend.errors import AdapterLoadError
 from loraplex.lora.peft import BaseModelSpec, LoRAWeights, load_peft_adapter
 from loraplex.lora.slots import LoRASlots, LoRATarget, targets_from_spec
-from peft import PeftModel
-from transformers import PreTrainedModel
 
 R = 8
 
