@@ -25,7 +25,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_lens: torch.Tensor, query_index: torch.Tensor, max_query_len: int,
-                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None, mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its paged context.
 
     out[t] = softmax(q[t] @ K_b[:pos_t+1].T * scale) @ V_b[:pos_t+1]   for token t of sequence b,
@@ -34,24 +35,30 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: [T, H, D]; k_cache, v_cache: [N, BS, Hkv, D]; block_tables: [B, max_blocks] int64;
     seq_lens, query_lens: [B] int64 (context length after this step, new tokens this step);
     query_index: [T] int64, flat index ``b * max_query_len + i`` of token t; returns [T, H, D].
+    mask: optional precomputed ``causal_mask(...)`` [B, max_query_len, max_blocks * BS] (shared by the layers).
     """
     num_seqs, max_blocks = block_tables.shape
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     num_heads = q.shape[1]
+    groups = num_heads // num_kv_heads
     max_kv = max_blocks * block_size
-    keys = k_cache[block_tables].reshape(num_seqs, max_kv, num_kv_heads, head_dim)
-    values = v_cache[block_tables].reshape(num_seqs, max_kv, num_kv_heads, head_dim)
+    keys = k_cache[block_tables].view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[block_tables].view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
     q_pad = q.new_zeros(num_seqs * max_query_len, num_heads, head_dim)
     q_pad[query_index] = q
-    q_pad = q_pad.view(num_seqs, max_query_len, num_heads, head_dim)
-    mask = _causal_mask(seq_lens, query_lens, max_query_len, max_kv, sliding_window)
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
-        attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=num_heads != num_kv_heads)
-    return out.transpose(1, 2).reshape(num_seqs * max_query_len, num_heads, head_dim)[query_index]
+    # GQA without copying K/V: the G query heads of one KV head become G*Q query rows.
+    q_pad = q_pad.view(num_seqs, max_query_len, num_kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
+    q_pad = q_pad.reshape(num_seqs, num_kv_heads, groups * max_query_len, head_dim)
+    if mask is None:
+        mask = causal_mask(seq_lens, query_lens, max_query_len, max_kv, sliding_window)
+    mask = mask.unsqueeze(1).expand(num_seqs, groups, max_query_len, max_kv)
+    mask = mask.reshape(num_seqs, 1, groups * max_query_len, max_kv)
+    out = F.scaled_dot_product_attention(q_pad, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=scale)
+    out = out.view(num_seqs, num_kv_heads, groups, max_query_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_seqs * max_query_len, num_heads, head_dim)[query_index]
 
 
-def _causal_mask(seq_lens: torch.Tensor, query_lens: torch.Tensor, max_query_len: int, max_kv: int,
+def causal_mask(seq_lens: torch.Tensor, query_lens: torch.Tensor, max_query_len: int, max_kv: int,
                  sliding_window: int | None) -> torch.Tensor:
     """[B, max_query_len, max_kv] bool, True where query i of sequence b may attend key j."""
     device = seq_lens.device

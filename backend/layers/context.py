@@ -7,7 +7,7 @@ each forward (nano-vllm style).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,17 @@ class AttentionMeta:
     query_lens: torch.Tensor  # [B] int64: new tokens this step
     query_index: torch.Tensor  # [T] int64: b * max_query_len + i
     max_query_len: int
+    masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)  # shared by the layers
+
+    def mask(self, sliding_window: int | None, block_size: int) -> torch.Tensor:
+        """[B, max_query_len, max_kv] causal mask, built once per step (per window) and reused by every layer."""
+        key = (sliding_window, block_size)
+        if key not in self.masks:
+            from loraplex.kernels.attention import causal_mask
+
+            max_kv = self.block_tables.shape[1] * block_size
+            self.masks[key] = causal_mask(self.seq_lens, self.query_lens, self.max_query_len, max_kv, sliding_window)
+        return self.masks[key]
 
 
 @dataclass

@@ -85,8 +85,9 @@ class Attention(nn.Module):
         meta = get_context().attn
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not allocated"
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        mask = meta.mask(self.sliding_window, self.k_cache.shape[1])
         out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, meta.query_lens,
-                              meta.query_index, meta.max_query_len, self.scale, self.sliding_window)
+                              meta.query_index, meta.max_query_len, self.scale, self.sliding_window, mask)
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
