@@ -52,6 +52,7 @@ class ModelConfig(_Validated):
     device: str = opt("auto", "auto = cuda when available, else cpu", choices=("auto", "cpu", "cuda"))
     seed: int = opt(0, "seed of the engine's global generator (requests without their own seed)", lo=0)
     tokenizer: str | None = opt(None, "tokenizer directory; none = the model's")
+    enforce_eager: bool = opt(False, "never capture CUDA graphs (decode steps are captured and replayed on CUDA)")
 
 
 @dataclass

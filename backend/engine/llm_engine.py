@@ -43,7 +43,8 @@ class LLMEngine:
         self.kv = KVCacheManager(parts.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras)
         self.runner = ModelRunner(parts.model, parts.num_blocks, config.cache.block_size, parts.dtype,
-                                  parts.device, config.model.seed)
+                                  parts.device, config.model.seed, cuda_graphs=not config.model.enforce_eager,
+                                  max_model_len=self.max_model_len, max_num_seqs=config.scheduler.max_num_seqs)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats(kv_blocks_total=parts.num_blocks)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.backend.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from loraplex.backend.engine.sampler import Sampler, SamplingBatch, make_generator, prompt_logprobs
 from loraplex.backend.engine.scheduler import SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence
@@ -17,14 +18,15 @@ from loraplex.backend.outputs import Logprob
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attn: AttentionMeta
+    input_ids: torch.Tensor | None  # [T]; None when the step replays a captured decode graph
+    positions: torch.Tensor | None  # [T]
+    attn: AttentionMeta | None
     token_slots: list[int]  # [T] LoRA slot per token, -1 = base
     sample_rows: list[int]  # row in the flat batch of each sampling sequence's last token
     sample_seqs: list[Sequence]
     # request id -> (rows of prompt positions in this chunk, the prompt tokens they predict, top-k)
     prompt_rows: dict[str, tuple[list[int], list[int], int]] = field(default_factory=dict)
+    decode: DecodeBatch | None = None  # set for a decode-only step that a captured graph can run
 
 
 @dataclass
@@ -36,14 +38,19 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, seed: int):
+                 device: torch.device, seed: int, cuda_graphs: bool = False, max_model_len: int = 0,
+                 max_num_seqs: int = 1):
         self.model = model
         self.block_size = block_size
         self.device = device
         self.vocab_size = model.spec.vocab_size
         self.generators: dict[str, torch.Generator] = {}
         self.sampler = Sampler(make_generator(seed, device))
-        self._allocate_kv(num_blocks, dtype)
+        self._allocate_kv(num_blocks + 1, dtype)  # + one dummy block for padded rows of captured steps
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and device.type == "cuda":
+            self.graphs = DecodeGraphs(model, block_size, num_blocks, -(-max_model_len // block_size),
+                                       max_num_seqs, device)
 
     @staticmethod
     def bytes_per_block(model: DecoderModel, block_size: int, dtype: torch.dtype) -> int:
@@ -66,18 +73,26 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, slot_of: dict[tuple[str, int], int]) -> StepResult:
         inputs = self._prepare(out, slot_of)
+        if inputs.decode is not None:
+            assert self.graphs is not None
+            hidden = self.graphs.run(inputs.decode)
+        else:
+            hidden = self._forward_eager(inputs)
+        result = StepResult({}, {}, {})
+        self._prompt_logprobs(hidden, inputs, result)
+        if inputs.sample_seqs:
+            self._sample(hidden, inputs, result)
+        return result
+
+    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+        assert inputs.input_ids is not None and inputs.positions is not None and inputs.attn is not None
         lora_meta = None
         if any(s >= 0 for s in inputs.token_slots):
             from loraplex.kernels.lora import LoRABatchMeta
 
             lora_meta = LoRABatchMeta.build(inputs.token_slots, self.device)
         with forward_context(ForwardContext(inputs.attn, lora_meta)):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        result = StepResult({}, {}, {})
-        self._prompt_logprobs(hidden, inputs, result)
-        if inputs.sample_seqs:
-            self._sample(hidden, inputs, result)
-        return result
+            return self.model(inputs.input_ids, inputs.positions)
 
     def _prepare(self, out: SchedulerOutput, slot_of: dict[tuple[str, int], int]) -> StepInputs:
         ids: list[int] = []
@@ -109,14 +124,19 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(len(ids) - 1)
                 sample_seqs.append(seq)
+        seq_lens = [s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled]
+        tables_in = [s.seq.block_ids for s in out.scheduled]
+        if max_q == 1 and not prompt_rows and self.graphs is not None \
+                and self.graphs.fits(len(ids), max(len(t) for t in tables_in)):
+            decode = DecodeBatch(ids, pos, slots, tables_in, seq_lens, token_slots)
+            return StepInputs(None, None, None, token_slots, sample_rows, sample_seqs, prompt_rows, decode)
         max_blocks = max(len(s.seq.block_ids) for s in out.scheduled)
         tables = [s.seq.block_ids + [0] * (max_blocks - len(s.seq.block_ids)) for s in out.scheduled]
         dev = self.device
         attn = AttentionMeta(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
-            seq_lens=torch.tensor([s.seq.num_computed_tokens + s.num_new_tokens for s in out.scheduled],
-                                  dtype=torch.long, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
             query_lens=torch.tensor([s.num_new_tokens for s in out.scheduled], dtype=torch.long, device=dev),
             query_index=torch.tensor(query_index, dtype=torch.long, device=dev), max_query_len=max_q)
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=dev),

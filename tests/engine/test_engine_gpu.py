@@ -41,3 +41,25 @@ def test_bf16_logits_close_to_fp32_reference(tmp_path, arch):
         rel = ((got - ref).norm() / ref.norm()).item()
         assert rel < 3e-2, f"row {row} ({name}): relative error {rel}"
     assert_no_leaks(llm.engine)
+
+
+def test_cuda_graph_decode_matches_eager(tmp_path):
+    base_dir = write_tiny_model(tmp_path / "base", "llama")
+    hf = load_hf(base_dir)
+    adapters = {f"a{i}": make_peft_adapter(hf, tmp_path / f"a{i}", r=4 * (i + 1), alpha=16, targets="all-linear",
+                                           seed=i + 1) for i in range(3)}
+    prompts = [[3 + i] * (1 + 3 * i) for i in range(9)]
+    names = [None, "a0", "a1", "a2", "a0", None, "a2", "a1", "a0"]
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(str(base_dir), dtype="float32", device="cuda", kv_cache_memory_bytes=2**26, max_lora_rank=16,
+                  enforce_eager=eager)
+        for name, path in adapters.items():
+            llm.load_adapter(name, str(path))
+        params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+        outs[eager] = [o.token_ids for o in llm.generate(prompts, params, adapters=names)]
+        outs[eager] += [o.token_ids for o in llm.generate(prompts[:3], params, adapters=names[:3])]
+        if not eager:
+            assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs
+        assert_no_leaks(llm.engine)
+    assert outs[True] == outs[False]
