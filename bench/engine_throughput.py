@@ -2,7 +2,8 @@
 
 Random-weight Qwen3-0.6B-shaped model (no hub access), bf16, greedy, EOS ignored,
 B prompts of P tokens, G generated tokens each. Cases, all in one run:
-  base        enable_lora=False
+  base        enable_lora=False (decode in CUDA graphs)
+  base-eager  the same without CUDA graphs
   lora-idle   LoRA enabled, every request on the base model
   lora-1      every request on one rank-16 adapter (all 7 projections)
   lora-N      N distinct rank-16 adapters mixed in one batch (max_loras=N)
@@ -114,6 +115,7 @@ def main() -> None:
         if args.profile:
             print(json.dumps(res))
             return
+        res["base_eager"] = measure(model_dir, [], base, args, enable_lora=False, enforce_eager=True)
         res["lora_idle"] = measure(model_dir, adapters[:1], base, args, max_loras=1)
         res["lora_1"] = measure(model_dir, adapters[:1], ["a0"] * args.batch, args, max_loras=1)
         res[f"lora_{n}"] = measure(model_dir, adapters, [f"a{i % n}" for i in range(args.batch)], args, max_loras=n)

@@ -13,14 +13,16 @@ for d in backend lora kernels gateway clients; do ln -s "$PWD/$d" "$pkg/loraplex
 export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/kernels tests/engine 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-  python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/engine/test_engine_vs_hf.py tests/lora/test_mixed_batches.py \
-    tests/lora/test_hotswap.py 2>&1 | tee "$OUT/cuda_engine_tests.log" | tail -15
+  kernels=${KERNELS:-tests/kernels}  # KERNELS= skips the kernel tests
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu $kernels tests/engine 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -15
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/engine/test_engine_vs_hf.py \
+    tests/lora/test_mixed_batches.py tests/lora/test_hotswap.py 2>&1 | tee "$OUT/cuda_engine_tests.log" | tail -15
 fi
 if [[ $what == bench || $what == all ]]; then
-  python3 bench/lora_kernels.py 2>&1 | tee "$OUT/lora_kernels.log" | tail -22
-  python3 bench/engine_throughput.py 2>&1 | tail -1 | tee "$OUT/engine.log"
-  if [[ -f .gpu_carry/hf_peft_baseline.py ]]; then
-    B=32 N=32 python3 .gpu_carry/hf_peft_baseline.py 2>&1 | tail -1 | tee "$OUT/hf_peft.log"
+  [[ -z ${SKIP_KERNEL_BENCH:-} ]] && timeout 400 python3 bench/lora_kernels.py 2>&1 | tee "$OUT/lora_kernels.log" | tail -22
+  timeout 300 python3 bench/engine_throughput.py 2>&1 | tail -1 | tee "$OUT/engine.log"
+  if [[ -f .gpu_carry/hf_peft_baseline.py ]]; then  # ../shared/bench/hf_peft_baseline.py, carried
+    B=32 N=32 timeout 300 python3 .gpu_carry/hf_peft_baseline.py 2>&1 | tail -1 | tee "$OUT/hf_peft.log"
   fi
 fi
