@@ -42,8 +42,9 @@ class ChatRenderer(Protocol):
 def request_from_pb(req: pb.GenerateRequest, render_chat: ChatRenderer) -> EngineRequest:
     """The engine request for a Generate call; raises InvalidRequestError naming the bad field."""
     request_id = request_id_from_pb(req.request_id)
-    params = params_from_pb(req.params)
     kind = req.WhichOneof("input")
+    # chat input without max_tokens: the rest of the context, as OpenAI's chat API and vLLM do
+    params = params_from_pb(req.params, default_max_tokens=None if kind == "chat" else 16)
     adapter = req.adapter or None
     if kind == "prompt":
         _require(bool(req.prompt), "prompt", Msg.EMPTY_PROMPT)
@@ -69,13 +70,13 @@ def request_id_from_pb(request_id: str) -> str:
     return request_id
 
 
-def params_from_pb(p: pb.SamplingParameters) -> SamplingParams:
+def params_from_pb(p: pb.SamplingParameters, default_max_tokens: int | None = 16) -> SamplingParams:
     """SamplingParams with the proto's defaults for unset optional fields (validated on build)."""
     def opt(name: str, default: Any) -> Any:
         return getattr(p, name) if p.HasField(name) else default
 
     return SamplingParams(
-        max_tokens=opt("max_tokens", 16), min_tokens=p.min_tokens, temperature=opt("temperature", 1.0),
+        max_tokens=opt("max_tokens", default_max_tokens), min_tokens=p.min_tokens, temperature=opt("temperature", 1.0),
         top_p=opt("top_p", 1.0), top_k=p.top_k, min_p=p.min_p,
         repetition_penalty=opt("repetition_penalty", 1.0), presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty, seed=opt("seed", None), stop=list(p.stop),

@@ -58,6 +58,13 @@ def test_chat_is_rendered_with_kwargs_tools_and_generation_prompt() -> None:
     assert plain["g"] is True and plain["t"] is None and plain["k"] is None
 
 
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context() -> None:
+    chat = pb.ChatInput(messages=[pb.ChatMessage(role="user", content="x")])
+    assert convert.request_from_pb(pb.GenerateRequest(chat=chat), render).params.max_tokens is None
+    capped = pb.GenerateRequest(chat=chat, params=pb.SamplingParameters(max_tokens=5))
+    assert convert.request_from_pb(capped, render).params.max_tokens == 5
+
+
 BAD = [
     (pb.GenerateRequest(), "input"),
     (pb.GenerateRequest(prompt=""), "prompt"),  # a oneof member has presence even when empty
