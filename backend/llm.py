@@ -48,7 +48,7 @@ class LLM:
                 seqs.append(self.engine.make_sequence(req))
         except Exception:
             for seq in seqs:
-                self.engine._release(seq)
+                self.engine.release_sequence(seq)
             raise
         for seq in seqs:
             self.engine.add_sequence(seq)

@@ -108,7 +108,14 @@ class AsyncEngine:
         return not (started and time.monotonic() - started > self.config.stuck_step_seconds)
 
     def stats(self) -> EngineStats:
-        s = copy.deepcopy(self.engine.stats)
+        for _ in range(5):  # the step thread may be updating the per-adapter dicts right now
+            try:
+                s = copy.deepcopy(self.engine.stats)
+                break
+            except RuntimeError:
+                time.sleep(0.001)
+        else:
+            s = copy.copy(self.engine.stats)
         s.loop_alive = self.is_healthy()
         return s
 
@@ -214,7 +221,7 @@ class AsyncEngine:
                 if seq.request_id in self._queues:
                     self.engine.add_sequence(seq)
                 else:
-                    self.engine._release(seq)  # cancelled before it reached the engine
+                    self.engine.release_sequence(seq)  # cancelled before it reached the engine
             else:
                 out = self.engine.abort(item)
                 if out is not None:

@@ -95,7 +95,7 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
-            self._release(seq)
+            self.release_sequence(seq)
             raise InvalidRequestError("request_id", f"{seq.request_id!r} is already running")
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -165,9 +165,10 @@ class LLMEngine:
             self.scheduler.finish(seq)
         self.runner.release(seq.request_id)
         self.seqs.pop(seq.request_id, None)
-        self._release(seq)
+        self.release_sequence(seq)
 
-    def _release(self, seq: Sequence) -> None:
+    def release_sequence(self, seq: Sequence) -> None:
+        """Unpins the adapter version a sequence holds (for sequences that never ran or are done)."""
         if seq.adapter is not None and self.adapters is not None:
             self.adapters.release(seq.adapter)
             seq.adapter = None
