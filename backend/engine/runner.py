@@ -108,7 +108,7 @@ class ModelRunner:
         for b, item in enumerate(out.scheduled):
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             row0 = len(ids)
-            tokens = seq.all_token_ids[start:start + n]
+            tokens = [seq.token_at(start)] if n == 1 else seq.all_token_ids[start:start + n]  # decode: no copy
             ids += tokens
             pos += range(start, start + n)
             slots += [seq.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)]
