@@ -1,8 +1,16 @@
 """``/v1/models`` (base model + every adapter) and vLLM's adapter routes:
 ``POST /v1/load_lora_adapter {lora_name, lora_path}`` and ``POST /v1/unload_lora_adapter {lora_name}``,
-answered as vLLM does: plain text ``Success: LoRA adapter '<name>' added successfully.``."""
+answered as vLLM does: plain text ``Success: LoRA adapter '<name>' added successfully.``.
+
+With several backends, loads and unloads go to every healthy backend (any replica can then
+serve any adapter; residency follows the routing affinity) and succeed only when all do, else
+the first backend's error answers; ``/v1/models`` lists the union of their adapters."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from starlette.requests import Request
@@ -13,18 +21,36 @@ from loraplex.gateway.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterR
 from loraplex.gateway.responses import ModelCard, ModelList
 from loraplex.gateway.security import read_json
 from loraplex.gateway.serving import validate
-from loraplex.gateway.state import GatewayState
+from loraplex.gateway.state import BackendClient, GatewayState
+
+T = TypeVar("T")
+
+
+async def _on_every_backend(state: GatewayState, call: Callable[[BackendClient], Awaitable[T]]) -> list[T | BaseException]:
+    """``call`` on every candidate backend at once; results (or exceptions) in backend order."""
+    backends = state.router.candidates()
+    return await asyncio.gather(*(call(b.client) for b in backends), return_exceptions=True)
+
+
+def _first_error(results: list[T | BaseException]) -> BaseException | None:
+    return next((r for r in results if isinstance(r, BaseException)), None)
 
 
 async def list_models(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     info = await state.model_info()
-    try:
-        adapters = await state.client.list_adapters()
-    except grpc.RpcError as exc:
-        raise from_grpc(exc) from None
+    results = await _on_every_backend(state, lambda c: c.list_adapters())
+    lists = [r for r in results if not isinstance(r, BaseException)]
+    if not lists:
+        error = _first_error(results)
+        if isinstance(error, grpc.RpcError):
+            raise from_grpc(error) from None
+        assert error is not None
+        raise error
+    adapters = {a.name: a for listed in reversed(lists) for a in listed}  # the first backend's entry wins
     cards = [ModelCard(id=info.name, root=info.name, max_model_len=info.max_model_len or None)]
-    cards += [ModelCard(id=a.name, root=a.source, parent=info.name) for a in adapters]
+    cards += [ModelCard(id=a.name, root=a.source, parent=info.name) for a in sorted(adapters.values(),
+                                                                                   key=lambda a: a.name)]
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
@@ -34,10 +60,13 @@ async def load_lora_adapter(request: Request) -> Response:
     if not req.lora_name or not req.lora_path:
         raise OpenAIError(400, "Both 'lora_name' and 'lora_path' must be provided.",
                           param="lora_name" if not req.lora_name else "lora_path", code="invalid_value")
-    try:
-        await state.client.load_adapter(req.lora_name, req.lora_path, replace=req.load_inplace, pin=req.pin)
-    except grpc.RpcError as exc:
-        raise _load_error(exc, req.lora_name) from None
+    results = await _on_every_backend(
+        state, lambda c: c.load_adapter(req.lora_name, req.lora_path, replace=req.load_inplace, pin=req.pin))
+    error = _first_error(results)
+    if isinstance(error, grpc.RpcError):
+        raise _load_error(error, req.lora_name) from None
+    if error is not None:
+        raise error
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
 
@@ -55,11 +84,12 @@ async def unload_lora_adapter(request: Request) -> Response:
     if not req.lora_name:
         raise OpenAIError(400, "'lora_name' needs to be provided to unload a LoRA adapter.",
                           param="lora_name", code="invalid_value")
-    try:
-        await state.client.unload_adapter(req.lora_name)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+    error = _first_error(await _on_every_backend(state, lambda c: c.unload_adapter(req.lora_name)))
+    if isinstance(error, grpc.RpcError):
+        if error.code() == grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
             raise OpenAIError(404, f"The lora adapter '{req.lora_name}' cannot be found.",
                               param="lora_name", code="adapter_not_found") from None
-        raise from_grpc(exc) from None
+        raise from_grpc(error) from None
+    if error is not None:
+        raise error
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")

@@ -1,6 +1,6 @@
 """The OpenAI-compatible ASGI app: REST in front, the loraplex gRPC service behind.
 
-    app = create_app(GatewayConfig(backend="localhost:50051"))
+    app = create_app(GatewayConfig(backend="localhost:50051"))  # or backends=[...], backend_dns="svc:50051"
     uvicorn.run(app, port=8000)
 
 It talks to the backend only through ``loraplex.clients.AsyncClient`` and imports no
@@ -9,6 +9,7 @@ torch, transformers or server code.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -29,32 +30,37 @@ from loraplex.gateway.completions import create_completion
 from loraplex.gateway.config import GatewayConfig
 from loraplex.gateway.errors import OpenAIError
 from loraplex.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from loraplex.gateway.routing import Router
 from loraplex.gateway.security import ApiKeyMiddleware
 from loraplex.gateway.state import BackendClient, GatewayState
 from loraplex.gateway.tracing import get_tracer
 
-ClientFactory = Callable[[GatewayConfig], BackendClient]
+ClientFactory = Callable[[GatewayConfig, str], BackendClient]
 
 
-def backend_client(config: GatewayConfig) -> BackendClient:
-    return AsyncClient(config.backend, token=config.backend_token, root_certificates=config.backend_ca,
+def backend_client(config: GatewayConfig, address: str) -> BackendClient:
+    return AsyncClient(address, token=config.backend_token, root_certificates=config.backend_ca,
                        private_key=config.backend_key, certificate_chain=config.backend_cert)
 
 
 def create_app(config: GatewayConfig, *, client_factory: ClientFactory = backend_client,
                tracer_provider: TracerProvider | None = None) -> FastAPI:
-    """The gateway app; the backend client is made at startup and closed at shutdown."""
+    """The gateway app; the backend clients are made at startup (and as DNS changes) and closed at shutdown."""
     metrics = GatewayMetrics()
     tracer = get_tracer(tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = client_factory(config)
-        app.state.gateway = GatewayState(config, client, metrics, tracer)
+        router = Router(lambda address: client_factory(config, address), static=config.static_backends(),
+                        dns=config.backend_dns, refresh_seconds=config.backend_refresh_seconds,
+                        health_seconds=config.backend_health_seconds,
+                        max_imbalance=config.affinity_max_imbalance, metrics=metrics)
+        await router.start()
+        app.state.gateway = GatewayState(config, router, metrics, tracer)
         try:
             yield
         finally:
-            await client.close()
+            await router.close()
 
     app = FastAPI(title="loraplex OpenAI gateway", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -84,16 +90,22 @@ def _add_routes(app: FastAPI, metrics: GatewayMetrics) -> None:
 
 
 async def health(request: Request) -> Response:
-    """200 when the backend reports SERVING, else 503 (draining, engine dead, unreachable)."""
+    """200 when at least one backend reports SERVING, else 503 (draining, engine dead, unreachable)."""
     state: GatewayState = request.app.state.gateway
-    try:
-        serving = await state.client.health()
-    except grpc.RpcError as exc:
+    backends = list(state.router.backends.values())
+    if not backends:
+        return _error(OpenAIError(503, "no backend is known (DNS found none yet)", code="backend_unavailable"))
+    results = await asyncio.gather(*(b.client.health() for b in backends), return_exceptions=True)
+    if any(r is True for r in results):
+        return Response(status_code=200)
+    unreachable = [r for r in results if isinstance(r, BaseException)]
+    if len(unreachable) == len(results):
+        exc = unreachable[0]
+        if not isinstance(exc, grpc.RpcError):
+            raise exc
         detail = exc.details() if hasattr(exc, "details") else str(exc)  # type: ignore[attr-defined]
         return _error(OpenAIError(503, f"backend unreachable: {detail}", code="backend_unavailable"))
-    if not serving:
-        return _error(OpenAIError(503, "backend is not serving", code="backend_not_serving"))
-    return Response(status_code=200)
+    return _error(OpenAIError(503, "backend is not serving", code="backend_not_serving"))
 
 
 def _error(err: OpenAIError) -> JSONResponse:

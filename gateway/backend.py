@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,8 +55,10 @@ class Fanout:
     """The n concurrent Generate calls of one OpenAI request."""
 
     def __init__(self, client: GenerateClient, requests: list[pb.GenerateRequest], *, model: str,
-                 timeout: float | None = None, metadata: Metadata | None = None) -> None:
+                 timeout: float | None = None, metadata: Metadata | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self._client = client
+        self._on_close = on_close
         self._requests = requests
         self._model = model
         self._timeout = timeout
@@ -109,7 +111,14 @@ class Fanout:
         return OpenAIError(500, f"backend call failed: {exc!r}", code="internal_error")
 
     async def close(self) -> None:
-        """Cancels what still runs: the pump tasks, then every gRPC call."""
+        """Cancels what still runs: the pump tasks, then every gRPC call; then calls ``on_close``."""
+        try:
+            await self._cancel()
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    async def _cancel(self) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

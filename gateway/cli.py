@@ -1,6 +1,8 @@
 """``loraplex gateway``: the OpenAI-compatible REST gateway in front of a loraplex gRPC server.
 
     loraplex gateway --backend localhost:50051 --port 8000
+    loraplex gateway --backend a:50051 --backend b:50051        # several replicas, adapter affinity
+    loraplex gateway --backend-dns loraplex-backend:50051      # every address of a headless Service
 
 The main CLI calls ``add_arguments(parser)`` for the subcommand and ``run(args)``.
 Secrets may come from the environment, read when the command runs:
@@ -26,8 +28,18 @@ BACKEND_TOKEN_ENV = "LORAPLEX_BACKEND_TOKEN"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = GatewayConfig()
-    parser.add_argument("--backend", default=d.backend, metavar="HOST:PORT",
-                        help=f"the loraplex gRPC server (default {d.backend})")
+    parser.add_argument("--backend", action="append", default=None, metavar="HOST:PORT",
+                        help=f"a loraplex gRPC server; repeat for several replicas (default {d.backend})")
+    parser.add_argument("--backend-dns", default=None, metavar="NAME:PORT",
+                        help="every A/AAAA record of NAME is a backend on PORT, re-resolved periodically "
+                             "(a Kubernetes headless Service)")
+    parser.add_argument("--backend-refresh-seconds", type=float, default=d.backend_refresh_seconds,
+                        help=f"how often --backend-dns is re-resolved (default {d.backend_refresh_seconds})")
+    parser.add_argument("--backend-health-seconds", type=float, default=d.backend_health_seconds,
+                        help=f"how often each backend's health is polled (default {d.backend_health_seconds})")
+    parser.add_argument("--affinity-max-imbalance", type=int, default=d.affinity_max_imbalance,
+                        help="calls an adapter's rendezvous backend may carry above the least-loaded one before "
+                             f"its requests go to the least loaded (default {d.affinity_max_imbalance})")
     parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
     parser.add_argument("--port", type=int, default=d.port, help=f"port to listen on (default {d.port})")
     parser.add_argument("--api-key", default=None,
@@ -56,8 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """The config; the API key and backend token fall back to the environment, read now."""
+    backends: list[str] = args.backend or []
     return GatewayConfig(
-        backend=args.backend, host=args.host, port=args.port,
+        backend=backends[0] if backends else GatewayConfig.backend,
+        backends=backends if len(backends) > 1 or args.backend_dns else [],
+        backend_dns=args.backend_dns, backend_refresh_seconds=args.backend_refresh_seconds,
+        backend_health_seconds=args.backend_health_seconds, affinity_max_imbalance=args.affinity_max_imbalance,
+        host=args.host, port=args.port,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         backend_token=args.backend_token or os.environ.get(BACKEND_TOKEN_ENV) or None,
         backend_ca=_read(args.backend_ca), backend_cert=_read(args.backend_cert), backend_key=_read(args.backend_key),

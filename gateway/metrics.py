@@ -37,6 +37,11 @@ class GatewayMetrics:
                                       "Errors answered for backend calls, by HTTP status", ["status"], registry=r)
         self.disconnects = Counter("loraplex_gateway_client_disconnects",
                                    "Requests whose client went away before the answer ended", registry=r)
+        self.backend_requests = Counter("loraplex_gateway_backend_requests",
+                                        "Generation requests sent to each backend, by its address", ["backend"],
+                                        registry=r)
+        self.backends_healthy = Gauge("loraplex_gateway_backends_healthy",
+                                      "Backends whose last health check answered SERVING", registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

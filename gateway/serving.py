@@ -18,6 +18,7 @@ from loraplex.gateway import sse
 from loraplex.gateway.backend import Fanout, Folded
 from loraplex.gateway.errors import OpenAIError, from_validation
 from loraplex.gateway.responses import Usage
+from loraplex.gateway.routing import Backend
 from loraplex.gateway.state import GatewayState
 from loraplex.gateway.tracing import RequestSpan
 
@@ -56,14 +57,8 @@ def validate(model: type[M], body: Any) -> M:
 async def respond(request: Request, state: GatewayState, endpoint: Endpoint, span: RequestSpan) -> Response:
     """Opens the calls (errors → HTTP status), then streams or answers in one body."""
     requests = endpoint.requests()
-    fan = Fanout(state.client, requests, model=endpoint.model,
-                 timeout=state.config.request_timeout, metadata=span.metadata)
     start = time.perf_counter()
-    try:
-        await fan.open()
-    except OpenAIError as err:
-        state.metrics.backend_errors.labels(str(err.status)).inc()
-        raise
+    fan = await _open(state, endpoint, requests, span)
     state.metrics.ttft.labels(endpoint.route).observe(time.perf_counter() - start)
     if endpoint.stream:
         return StreamingResponse(_sse(fan, endpoint, state, span), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
@@ -78,6 +73,28 @@ async def respond(request: Request, state: GatewayState, endpoint: Endpoint, spa
     _count_usage(state, endpoint)
     span.end(200)
     return JSONResponse(body.model_dump())
+
+
+async def _open(state: GatewayState, endpoint: Endpoint, requests: list[pb.GenerateRequest],
+                span: RequestSpan) -> Fanout:
+    """Opens all n calls on one backend (the adapter's affinity choice, or the least loaded); when
+    that backend is unavailable and others are known, marks it unhealthy and tries the next once."""
+    adapter = requests[0].adapter if requests else ""
+    tried: list[Backend] = []
+    while True:
+        lease = state.router.lease(adapter, len(requests), exclude=tried)
+        fan = Fanout(lease.client, requests, model=endpoint.model, timeout=state.config.request_timeout,
+                     metadata=span.metadata, on_close=lease.release)
+        try:
+            await fan.open()
+            return fan
+        except OpenAIError as err:
+            tried.append(lease.backend)
+            if err.status == 503 and len(tried) < min(2, len(state.router.backends)):
+                state.router.mark_unhealthy(lease.backend)
+                continue
+            state.metrics.backend_errors.labels(str(err.status)).inc()
+            raise
 
 
 async def _collect(fan: Fanout, n: int) -> list[Folded]:

@@ -1,4 +1,4 @@
-"""What the route handlers share: the backend client, the config, metrics, the tracer,
+"""What the route handlers share: the backend router (clients, health, load), the config, metrics, the tracer,
 and the backend's model name and limits (cached for ``model_info_ttl`` seconds)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 from opentelemetry.trace import Tracer
@@ -18,6 +18,9 @@ from loraplex.gateway.metrics import GatewayMetrics
 from loraplex.gateway.reasoning import ReasoningParser
 from loraplex.gateway.tool_parser import HermesToolParser
 from loraplex.gateway.tracing import RequestSpan
+
+if TYPE_CHECKING:
+    from loraplex.gateway.routing import Router
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -58,10 +61,10 @@ class Target:
 
 
 class GatewayState:
-    def __init__(self, config: GatewayConfig, client: BackendClient, metrics: GatewayMetrics,
+    def __init__(self, config: GatewayConfig, router: Router, metrics: GatewayMetrics,
                  tracer: Tracer) -> None:
         self.config = config
-        self.client = client
+        self.router = router
         self.metrics = metrics
         self.tracer = tracer
         self._info: ModelInfo | None = None
@@ -71,7 +74,7 @@ class GatewayState:
         if info is not None and time.monotonic() - info.fetched_at < self.config.model_info_ttl:
             return info
         try:
-            server = await self.client.server_info()
+            server = await self.router.least_loaded().client.server_info()
         except grpc.RpcError as exc:
             raise from_grpc(exc) from None
         name = self.config.served_model_name or server.model

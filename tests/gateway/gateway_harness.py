@@ -32,16 +32,19 @@ def free_port() -> int:
 class GatewayHarness:
     """Starts the fake backend and the gateway; ``url`` is the gateway's base URL."""
 
-    def __init__(self, config: GatewayConfig | None = None) -> None:
+    def __init__(self, config: GatewayConfig | None = None, *, extra_backends: int = 0) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-test-loop", daemon=True)
         self.thread.start()
         self.grpc_server, self.backend, grpc_port = self.run(start_fake_backend())
+        self.extras = [self.run(start_fake_backend()) for _ in range(extra_backends)]  # (server, servicer, port)
+        backends = [f"127.0.0.1:{p}" for p in [grpc_port, *(e[2] for e in self.extras)]] if self.extras else []
         self.spans = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(self.spans))
         port = free_port()
-        self.config = replace(config or GatewayConfig(), backend=f"127.0.0.1:{grpc_port}", port=port)
+        self.config = replace(config or GatewayConfig(), backend=f"127.0.0.1:{grpc_port}", backends=backends,
+                              port=port)
         app = create_app(self.config, tracer_provider=provider)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="on"))
@@ -75,5 +78,7 @@ class GatewayHarness:
         self.server.should_exit = True
         self.serve_task.result(10)
         self.run(self.grpc_server.stop(0))
+        for server, _, _ in self.extras:
+            self.run(server.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

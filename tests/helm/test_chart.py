@@ -126,7 +126,7 @@ def test_chart_metadata_and_values() -> None:
     assert values["gateway"]["ingress"]["enabled"] is False
     assert values["backendAuth"]["apiKey"] == ""
     text = (CHART / "values.yaml").read_text()
-    assert "NOT implemented in the gateway yet" in text  # no pretend adapter-affinity routing
+    assert "--backend-dns" in text and "rendezvous" in text  # adapter-affinity routing is documented
     for f in ("_helpers.tpl", "NOTES.txt"):
         assert (CHART / "templates" / f).is_file()
 
@@ -264,7 +264,14 @@ def test_gateway_points_at_backend_service(name: str) -> None:
     gw, svc = one(docs, "Deployment", "gateway"), one(docs, "Service", "backend")
     c = container(gw)
     grpc_port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc")
-    assert arg_value(c["args"], "--backend") == [f"{svc['metadata']['name']}:{grpc_port}"]
+    replicas = one(docs, "Deployment", "backend")["spec"]["replicas"]
+    if replicas == 1:
+        assert arg_value(c["args"], "--backend") == [f"{svc['metadata']['name']}:{grpc_port}"]
+        assert "--backend-dns" not in c["args"] and not find(docs, "Service", "backend-headless")
+    else:  # several pods: the gateway resolves the headless Service and routes by adapter affinity
+        headless = one(docs, "Service", "backend-headless")
+        assert "--backend" not in c["args"]
+        assert arg_value(c["args"], "--backend-dns") == [f"{headless['metadata']['name']}:{grpc_port}"]
     assert arg_value(c["args"], "--port") == ["8000"] and arg_value(c["args"], "--host") == ["0.0.0.0"]
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8000}
@@ -287,6 +294,27 @@ def test_labels_and_selectors_match(name: str) -> None:
     assert not b_sel.items() <= g_pod.items()  # the backend Service never selects gateway pods
 
 
-def test_notes_warn_about_no_affinity_routing() -> None:
+def test_several_backends_get_a_headless_service_for_affinity_routing() -> None:
+    docs = render("--set", "backend.replicaCount=2")
+    headless, svc = one(docs, "Service", "backend-headless"), one(docs, "Service", "backend")
+    assert headless["metadata"]["name"] == f"{RELEASE}-loraplex-backend-headless"
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == svc["spec"]["selector"]
+    assert [p["port"] for p in headless["spec"]["ports"]] == [50051]
+    gw_args = container(one(docs, "Deployment", "gateway"))["args"]
+    assert arg_value(gw_args, "--backend-dns") == [f"{RELEASE}-loraplex-backend-headless:50051"]
+    sm_docs = render("--set", "backend.replicaCount=2", "--set", "backend.serviceMonitor.enabled=true")
+    sm_sel = one(sm_docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    assert not sm_sel.items() <= headless["metadata"]["labels"].items()  # scraped once, via the main Service
+    # a headless main Service is resolved directly, even with one replica
+    one_headless = render("--set", "backend.service.headless=true")
+    assert not find(one_headless, "Service", "backend-headless")
+    gw_args = container(one(one_headless, "Deployment", "gateway"))["args"]
+    assert arg_value(gw_args, "--backend-dns") == [f"{RELEASE}-loraplex-backend:50051"]
+
+
+def test_notes_describe_affinity_routing() -> None:
     r = run_helm("install", RELEASE, str(CHART), "--dry-run=client", "--set", "backend.replicaCount=2")
-    assert "not implemented in the gateway yet" in r.stdout
+    assert "not implemented" not in r.stdout
+    assert f"resolves {RELEASE}-loraplex-backend-headless" in r.stdout and "rendezvous" in r.stdout
+    single = run_helm("install", RELEASE, str(CHART), "--dry-run=client")
+    assert "rendezvous" not in single.stdout

@@ -107,3 +107,20 @@ A flags map rendered as YAML list items; call with
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The headless backend Service the gateway resolves (one A/AAAA record per ready pod) when
+backends are several: the main Service itself when it is headless, else "<backend>-headless".
+*/}}
+{{- define "loraplex.backend.headlessName" -}}
+{{- if .Values.backend.service.headless -}}
+{{- include "loraplex.backend.fullname" . }}
+{{- else -}}
+{{- printf "%s-headless" (include "loraplex.backend.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+{{- end }}
+
+{{/* true when the gateway routes across backend pods itself (adapter affinity via --backend-dns). */}}
+{{- define "loraplex.gateway.routesPods" -}}
+{{- if or (gt (int .Values.backend.replicaCount) 1) .Values.backend.service.headless }}true{{ end }}
+{{- end }}
