@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_stack import SERVE_FLAGS, loraplex_command, metric_value, wait_healthy
+from e2e_stack import SERVE_FLAGS, loraplex_command, metric_value, stop_processes, wait_healthy
 from gateway_harness import free_port
 
 from loraplex.clients import Client, pb
@@ -308,15 +308,7 @@ class TwoBackends:
             return {a.name for a in c.list_adapters()}
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_processes(self.procs)
 
 
 @pytest.fixture(scope="module")
