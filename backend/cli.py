@@ -30,8 +30,8 @@ from loraplex.backend.cli_args import (
     resolve_api_key,
     server_config_from_args,
 )
-from loraplex.backend.errors import ConfigError
 from loraplex.clients import Client, pb
+from loraplex.errors import ConfigError
 
 DEFAULT_TARGET = "localhost:50051"
 

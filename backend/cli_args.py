@@ -17,9 +17,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from loraplex.backend.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
-from loraplex.backend.errors import ConfigError
 from loraplex.backend.server.config import ServerConfig
+from loraplex.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from loraplex.errors import ConfigError
 
 ENGINE_SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                                     "lora": LoRAConfig}

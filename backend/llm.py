@@ -6,11 +6,11 @@ import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from loraplex.backend.config import EngineConfig
 from loraplex.backend.engine.llm_engine import LLMEngine
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.backend.outputs import CompletionOutput, Logprob, RequestOutput, Usage
 from loraplex.backend.sampling_params import SamplingParams
+from loraplex.config import EngineConfig
 from loraplex.lora.types import AdapterInfo
 
 Prompt = str | list[int]
@@ -21,7 +21,7 @@ class LLM:
 
     ``LLM()`` with no model serves the built-in demo model with its adapters
     registered. Engine arguments use vLLM's names (``max_model_len``,
-    ``max_num_seqs``, ``max_loras``, ...; see ``loraplex.backend.config``).
+    ``max_num_seqs``, ``max_loras``, ...; see ``loraplex.config``).
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any):
@@ -74,7 +74,7 @@ class LLM:
 
     def _registry(self) -> Any:
         if self.engine.adapters is None:
-            from loraplex.backend.errors import ConfigError
+            from loraplex.errors import ConfigError
 
             raise ConfigError("enable_lora=False: adapters are disabled")
         return self.engine.adapters
@@ -94,7 +94,7 @@ def _broadcast(value: Any, n: int, name: str) -> list[Any]:
         return [value] * n
     values = list(value)
     if len(values) != n:
-        from loraplex.backend.errors import InvalidRequestError
+        from loraplex.errors import InvalidRequestError
 
         raise InvalidRequestError(name, f"{len(values)} given for {n} prompts")
     return values

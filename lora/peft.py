@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from loraplex.backend.config import LoRAConfig
-from loraplex.backend.errors import AdapterLoadError
+from loraplex.config import LoRAConfig
+from loraplex.errors import AdapterLoadError
 from loraplex.lora.peft_keys import (
     EMBEDDING_NAMES,
     LORA_MODULES,

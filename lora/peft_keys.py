@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loraplex.backend.errors import AdapterLoadError
+from loraplex.errors import AdapterLoadError
 
 if TYPE_CHECKING:
     from loraplex.lora.peft import BaseModelSpec

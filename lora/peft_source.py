@@ -16,8 +16,8 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from loraplex.backend.config import LoRAConfig
-from loraplex.backend.errors import AdapterLoadError, AdapterSourceForbiddenError
+from loraplex.config import LoRAConfig
+from loraplex.errors import AdapterLoadError, AdapterSourceForbiddenError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _ENCODED = re.compile(r"%[0-9A-Fa-f]{2}")

@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplex.backend.config import LoRAConfig
-from loraplex.backend.errors import (
+from loraplex.config import LoRAConfig
+from loraplex.errors import (
     AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,

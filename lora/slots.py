@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.backend.errors import AdapterLoadError
+from loraplex.errors import AdapterLoadError
 from loraplex.lora.peft import LoRAWeights
 
 GROUPS: dict[str, tuple[str, ...]] = {

@@ -23,19 +23,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.backend.config import EngineConfig
 from loraplex.backend.engine.llm_engine import LLMEngine
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.backend.engine.sequence import Sequence
 from loraplex.backend.engine.stats import EngineStats
-from loraplex.backend.errors import (
+from loraplex.backend.outputs import RequestOutput
+from loraplex.config import EngineConfig
+from loraplex.errors import (
     ConfigError,
     EngineDeadError,
     EngineDrainingError,
     InvalidRequestError,
     QueueFullError,
 )
-from loraplex.backend.outputs import RequestOutput
 from loraplex.lora.types import AdapterInfo
 
 log = logging.getLogger(__name__)

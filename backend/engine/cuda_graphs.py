@@ -16,6 +16,7 @@ import torch
 
 from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forward_context
 from loraplex.backend.models.llama import DecoderModel
+from loraplex.kernels.lora import LoRABatchMeta
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MIN_KV_BLOCKS = 8
@@ -91,8 +92,6 @@ class DecodeGraphs:
                              self.query_lens[:bs], self.query_index[:bs], max_query_len=1)
         lora = None
         if has_lora:
-            from loraplex.kernels.lora import LoRABatchMeta
-
             lora = LoRABatchMeta(token_slots=self.token_slots[:bs], seg_starts=self.seg_starts[:bs + 1],
                                  seg_slots=self.token_slots[:bs], num_tokens=bs, num_segs=bs, max_seg_len=1,
                                  no_lora=False)

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from loraplex.backend.config import EngineConfig
 from loraplex.backend.engine.kv_cache import KVCacheManager
 from loraplex.backend.engine.output import OutputState, append_token, flush_text, make_output
 from loraplex.backend.engine.request import EngineRequest
@@ -23,8 +22,9 @@ from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
 from loraplex.backend.engine.setup import EngineParts, build_engine_parts
 from loraplex.backend.engine.stats import EngineStats
-from loraplex.backend.errors import InvalidRequestError
 from loraplex.backend.outputs import RequestOutput
+from loraplex.config import EngineConfig
+from loraplex.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 

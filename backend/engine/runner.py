@@ -14,6 +14,7 @@ from loraplex.backend.engine.sequence import Sequence
 from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forward_context
 from loraplex.backend.models.llama import DecoderModel
 from loraplex.backend.outputs import Logprob
+from loraplex.kernels.lora import LoRABatchMeta
 
 
 @dataclass
@@ -88,8 +89,6 @@ class ModelRunner:
         assert inputs.input_ids is not None and inputs.positions is not None and inputs.attn is not None
         lora_meta = None
         if any(s >= 0 for s in inputs.token_slots):
-            from loraplex.kernels.lora import LoRABatchMeta
-
             lora_meta = LoRABatchMeta.build(inputs.token_slots, self.device)
         with forward_context(ForwardContext(inputs.attn, lora_meta)):
             return self.model(inputs.input_ids, inputs.positions)

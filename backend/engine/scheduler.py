@@ -9,9 +9,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from loraplex.backend.config import SchedulerConfig
 from loraplex.backend.engine.kv_cache import KVCacheManager
 from loraplex.backend.engine.sequence import Sequence, Status
+from loraplex.config import SchedulerConfig
 
 
 @dataclass

@@ -9,10 +9,13 @@ from typing import Any
 
 import torch
 
-from loraplex.backend.config import EngineConfig
-from loraplex.backend.errors import ConfigError
 from loraplex.backend.models.llama import DecoderModel
 from loraplex.backend.models.loader import load_model, resolve_model_path
+from loraplex.config import EngineConfig
+from loraplex.errors import ConfigError
+from loraplex.lora.peft import BaseModelSpec
+from loraplex.lora.registry import AdapterRegistry
+from loraplex.lora.slots import LoRASlots, LoRATarget
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +139,6 @@ def activation_reserve(config: EngineConfig, model: DecoderModel) -> float:
 
 def build_registry(config: EngineConfig, loaded: Any, model_name: str, dtype: torch.dtype,
                    device: torch.device) -> Any:
-    from loraplex.lora.peft import BaseModelSpec
-    from loraplex.lora.registry import AdapterRegistry
-    from loraplex.lora.slots import LoRASlots, LoRATarget
-
     model: DecoderModel = loaded.model
     shapes = model.spec.module_shapes()
     linears = model.lora_linears()

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraplex.errors import UnsupportedModelError
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -87,8 +89,6 @@ def _hf_rope(hf_config: Any, rope_type: str) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
-        from loraplex.backend.errors import UnsupportedModelError
-
         raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; known: {sorted(ROPE_INIT_FUNCTIONS)}")
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
     return inv_freq, float(scaling) if not isinstance(scaling, torch.Tensor) else float(scaling.item())

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from loraplex.kernels.attention import causal_mask
+from loraplex.kernels.lora import LoRABatchMeta
 
 
 @dataclass
@@ -27,8 +29,6 @@ class AttentionMeta:
         """[B, max_query_len, max_kv] causal mask, built once per step (per window) and reused by every layer."""
         key = (sliding_window, block_size)
         if key not in self.masks:
-            from loraplex.kernels.attention import causal_mask
-
             max_kv = self.block_tables.shape[1] * block_size
             self.masks[key] = causal_mask(self.seq_lens, self.query_lens, self.max_query_len, max_kv, sliding_window)
         return self.masks[key]
@@ -37,7 +37,7 @@ class AttentionMeta:
 @dataclass
 class ForwardContext:
     attn: AttentionMeta
-    lora: Any = None  # kernels.lora.LoRABatchMeta, or None when no row uses an adapter
+    lora: LoRABatchMeta | None = None  # None when no row uses an adapter
 
 
 _CONTEXT: ForwardContext | None = None

@@ -16,8 +16,8 @@ from torch import nn
 
 from loraplex.backend.layers.basic import RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
 from loraplex.backend.layers.context import get_context
+from loraplex.backend.layers.lora import LoRALinear
 from loraplex.kernels.attention import paged_attention, write_kv
-from loraplex.lora.layers import LoRALinear
 
 
 @dataclass(frozen=True)

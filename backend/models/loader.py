@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from loraplex.backend.errors import ConfigError, UnsupportedModelError
 from loraplex.backend.models.llama import FUSED, ArchSpec, DecoderModel
+from loraplex.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ import asyncio
 import logging
 import signal
 
-from loraplex.backend.config import EngineConfig
 from loraplex.backend.metrics import Metrics
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
 from loraplex.backend.tracing import configure_tracing
+from loraplex.config import EngineConfig
 
 log = logging.getLogger("loraplex.server")
 

@@ -1,6 +1,6 @@
 """The gRPC front end's configuration: one more section of the typed config tree.
 
-Fields carry help and bounds in ``metadata`` like ``loraplex.backend.config``;
+Fields carry help and bounds in ``metadata`` like ``loraplex.config``;
 the CLI builds its ``serve`` flags from them. Secrets are never read from the
 environment here: the CLI resolves ``--api-key-file`` / ``LORAPLEX_API_KEY``.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraplex.backend.config import _Validated, opt
-from loraplex.backend.errors import ConfigError
+from loraplex.config import _Validated, opt
+from loraplex.errors import ConfigError
 
 
 @dataclass

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from loraplex.backend.engine.request import EngineRequest
-from loraplex.backend.errors import InvalidRequestError
 from loraplex.backend.outputs import Logprob, RequestOutput, RequestTimings, Usage
 from loraplex.backend.sampling_params import SamplingParams
 from loraplex.backend.server.messages import Msg
 from loraplex.clients.v1 import inference_pb2 as pb
+from loraplex.errors import InvalidRequestError
 from loraplex.lora.types import AdapterInfo, AdapterState
 
 ROLES = ("system", "user", "assistant", "tool", "developer")

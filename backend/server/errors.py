@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from loraplex.backend.errors import InvalidRequestError, LoraplexError
 from loraplex.backend.server.messages import Msg
+from loraplex.errors import InvalidRequestError, LoraplexError
 
 log = logging.getLogger("loraplex.server")
 M = TypeVar("M", bound=Message)

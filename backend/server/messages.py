@@ -1,6 +1,6 @@
 """Every user-facing message the gRPC front end writes itself, in one place.
 
-Engine errors carry their own messages (``loraplex.backend.errors``); these are
+Engine errors carry their own messages (``loraplex.errors``); these are
 the ones raised at the edge: protobuf shape, auth, server state.
 """
 

@@ -21,7 +21,6 @@ from opentelemetry import trace
 
 from loraplex import __version__
 from loraplex.backend.engine.request import EngineRequest
-from loraplex.backend.errors import EngineDrainingError, InvalidRequestError
 from loraplex.backend.metrics import Metrics, RequestTracker
 from loraplex.backend.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
 from loraplex.backend.server import convert
@@ -30,6 +29,7 @@ from loraplex.backend.server.messages import Msg
 from loraplex.backend.tracing import GenerateSpanRecorder, extract_context, request_attributes
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.clients.v1 import inference_pb2_grpc as pb_grpc
+from loraplex.errors import EngineDrainingError, InvalidRequestError
 
 TOKEN_TEXT_CACHE = 65536
 

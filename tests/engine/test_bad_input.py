@@ -6,7 +6,7 @@ import pytest
 
 from loraplex import LLM, SamplingParams
 from loraplex.backend.engine.request import EngineRequest
-from loraplex.backend.errors import AdapterNotFoundError, InvalidRequestError
+from loraplex.errors import AdapterNotFoundError, InvalidRequestError
 from tests.engine_factory import assert_no_leaks, write_tiny_model
 
 PARAM_CASES = [

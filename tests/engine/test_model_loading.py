@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loraplex import LLM, SamplingParams
-from loraplex.backend.errors import ConfigError, UnsupportedModelError
+from loraplex.errors import ConfigError, UnsupportedModelError
 from tests.engine_factory import hf_greedy, load_hf, write_tiny_model
 
 PROMPTS = [[5, 9, 17, 33, 2, 8, 90, 4] * 3, [40, 41]]

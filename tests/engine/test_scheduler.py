@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from loraplex.backend.config import SchedulerConfig
 from loraplex.backend.engine.kv_cache import KVCacheManager
 from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
 from loraplex.backend.sampling_params import SamplingParams
+from loraplex.config import SchedulerConfig
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_loras: int = 4, prefix: bool = True,

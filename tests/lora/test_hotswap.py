@@ -10,11 +10,11 @@ import shutil
 import pytest
 from peft import PeftModel
 
-from loraplex.backend.config import EngineConfig
 from loraplex.backend.engine.async_engine import AsyncEngine
 from loraplex.backend.engine.request import EngineRequest
-from loraplex.backend.errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceForbiddenError
 from loraplex.backend.sampling_params import SamplingParams
+from loraplex.config import EngineConfig
+from loraplex.errors import AdapterLoadError, AdapterNotFoundError, AdapterSourceForbiddenError
 from tests.engine_factory import assert_no_leaks, hf_greedy, load_hf, write_tiny_model
 from tests.lora.test_peft_refusals import CASES
 from tests.lora_factory import make_peft_adapter

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from loraplex.backend.config import LoRAConfig
+from loraplex.config import LoRAConfig
 from loraplex.lora import peft_source
 from loraplex.lora.peft import BaseModelSpec, load_peft_adapter, resolve_adapter_source
 from tests.lora_factory import edit_adapter_config, make_peft_adapter, make_tiny_model, peft_lora_weights
@@ -147,7 +147,7 @@ def test_hub_id_downloads_snapshot(monkeypatch: pytest.MonkeyPatch, adapter_stor
 
 
 def test_hub_network_failure_is_clear(base_spec: BaseModelSpec) -> None:
-    from loraplex.backend.errors import AdapterLoadError  # conftest's _no_hub makes every download fail
+    from loraplex.errors import AdapterLoadError  # conftest's _no_hub makes every download fail
 
     with pytest.raises(AdapterLoadError, match="could not download 'someorg/x' from the Hugging Face hub"):
         load_peft_adapter("hub", "someorg/x", base_spec, LoRAConfig())

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraplex.backend.config import LoRAConfig
-from loraplex.backend.errors import AdapterLoadError, AdapterSourceForbiddenError
+from loraplex.config import LoRAConfig
+from loraplex.errors import AdapterLoadError, AdapterSourceForbiddenError
 from loraplex.lora.peft import BaseModelSpec, load_peft_adapter
 from tests.lora_factory import edit_adapter_config
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from loraplex.backend.config import LoRAConfig
-from loraplex.backend.errors import (
+from loraplex.config import LoRAConfig
+from loraplex.errors import (
     AdapterExistsError,
     AdapterLoadError,
     AdapterNotFoundError,

@@ -12,8 +12,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from loraplex.backend.config import LoRAConfig
-from loraplex.backend.errors import AdapterLoadError
+from loraplex.config import LoRAConfig
+from loraplex.errors import AdapterLoadError
 from loraplex.lora.peft import BaseModelSpec, LoRAWeights, load_peft_adapter
 from loraplex.lora.slots import LoRASlots, LoRATarget, targets_from_spec
 

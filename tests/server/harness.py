@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
-from loraplex.backend.config import EngineConfig
 from loraplex.backend.engine.async_engine import AsyncEngine
 from loraplex.backend.metrics import Metrics
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
 from loraplex.clients import pb
+from loraplex.config import EngineConfig
 
 T = TypeVar("T")
 # on the CPU even where a GPU is present: these tests are about the server, and their timing

@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from loraplex.backend import cli, cli_args
-from loraplex.backend.config import EngineConfig
-from loraplex.backend.errors import ConfigError
 from loraplex.backend.server.config import ServerConfig
+from loraplex.config import EngineConfig
+from loraplex.errors import ConfigError
 
 
 def serve_args(*argv: str):

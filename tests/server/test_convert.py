@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from loraplex.backend.errors import InvalidRequestError
 from loraplex.backend.outputs import Logprob, RequestOutput, RequestTimings, Usage
 from loraplex.backend.server import convert
 from loraplex.clients import pb
+from loraplex.errors import InvalidRequestError
 from loraplex.lora.types import AdapterInfo, AdapterState
 
 

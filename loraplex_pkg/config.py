@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from loraplex.backend.errors import ConfigError
+from loraplex.errors import ConfigError
 
 
 def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,

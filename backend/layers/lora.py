@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from loraplex.backend.layers.context import get_context
+from loraplex.kernels.lora import add_lora
 
 
 class LoRALinear(nn.Module):
@@ -33,8 +34,6 @@ class LoRALinear(nn.Module):
         y = nn.functional.linear(x, self.weight, self.bias)
         meta = get_context().lora
         if meta is not None and self.lora_a is not None and not meta.no_lora:
-            from loraplex.kernels.lora import add_lora
-
             assert self.lora_b is not None and self.lora_scales is not None
             add_lora(y, x, self.lora_a, self.lora_b, self.lora_scales, self.out_slices, meta)
         return y
