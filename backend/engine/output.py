@@ -20,15 +20,26 @@ class OutputState:
     prompt_logprobs: list[Logprob | None] | None = None
     prompt_logprobs_sent: bool = False
     pending_logprobs: list[Logprob] = field(default_factory=list)
+    # ids masked out of sampling until min_tokens are out: EOS (unless ignore_eos) and stop token ids
+    early_stop_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def create(cls, seq: Sequence, tokenizer: Any) -> OutputState:
+    def create(cls, seq: Sequence, tokenizer: Any, eos_ids: set[int] | None = None) -> OutputState:
         p = seq.params
         matcher = StopStringMatcher(p.stop, p.include_stop_str_in_output) if p.stop else None
         state = cls(IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens), matcher)
+        if p.min_tokens:
+            eos = eos_ids if eos_ids is not None else {tokenizer.eos_token_id} - {None}
+            state.early_stop_ids = sorted((set() if p.ignore_eos else set(eos)) | set(p.stop_token_ids))
         if p.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
         return state
+
+
+def blocked_tokens(seq: Sequence) -> list[int]:
+    """Token ids the sampler must not pick for ``seq`` now: EOS and stop ids before min_tokens."""
+    state: OutputState = seq.state
+    return state.early_stop_ids if seq.num_output_tokens < seq.params.min_tokens else []
 
 
 def append_token(seq: Sequence, token: int, logprob: Logprob | None, eos_ids: set[int],

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraplex.backend.engine.cuda_graphs import DecodeBatch, DecodeGraphs
+from loraplex.backend.engine.output import blocked_tokens
 from loraplex.backend.engine.sampler import Sampler, SamplingBatch, make_generator, prompt_logprobs
 from loraplex.backend.engine.scheduler import SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence
@@ -147,7 +148,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
         generators = [self._generator(s) for s in seqs]
         batch = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
-                                    [s.output_token_ids for s in seqs], generators, self.vocab_size, self.device)
+                                    [s.output_token_ids for s in seqs], generators, self.vocab_size, self.device,
+                                    blocked=[blocked_tokens(s) for s in seqs])
         sampled = self.sampler(logits, batch)
         for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
             result.sampled[seq.request_id] = token
