@@ -32,10 +32,16 @@ def _register_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
         pass
     proto = descriptor_pb2.FileDescriptorProto()
     reflection_pb2.DESCRIPTOR.CopyToProto(proto)
-    text = proto.SerializeToString().replace(b".grpc.reflection.v1alpha.", b".grpc.reflection.v1.")
-    proto = descriptor_pb2.FileDescriptorProto.FromString(text)
     proto.name, proto.package = _V1_FILE, "grpc.reflection.v1"
     proto.ClearField("options")
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in proto.message_type:
+        for f in message.field:
+            if f.type_name:
+                f.type_name = f.type_name.replace(old, new)
+    for service in proto.service:
+        for m in service.method:
+            m.input_type, m.output_type = m.input_type.replace(old, new), m.output_type.replace(old, new)
     pool.Add(proto)
 
 
