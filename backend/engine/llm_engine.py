@@ -76,7 +76,7 @@ class LLMEngine:
                 raise InvalidRequestError("adapter", "LoRA is disabled on this server")
             seq.adapter = self.adapters.acquire(req.adapter)
             seq.adapter_key = seq.adapter.key
-        seq.state = OutputState.create(seq, self.tokenizer)
+        seq.state = OutputState.create(seq, self.tokenizer, self.eos_ids)
         return seq
 
     def _prompt_ids(self, req: EngineRequest) -> list[int]:

@@ -108,14 +108,15 @@ class ModelRunner:
         states = [inputs.states[i] for i in rows]
         params = [s.params for s in states]
         lps: list[Logprob | None] = [None] * len(rows)
-        if all(_plain_greedy(p) for p in params):
+        blocked = [s.blocked_tokens() for s in states]
+        if all(_plain_greedy(p) for p in params) and not any(blocked):
             ids = greedy if greedy is not None else logits.argmax(dim=-1)
             tokens = self._to_host(ids)
         else:
             generators = [self._generator(s) for s in states]
             batch = SamplingBatch.build(params, [s.prompt_token_ids for s in states],
                                         [s.output_token_ids for s in states], generators, self.vocab_size,
-                                        self.device)
+                                        self.device, blocked=blocked)
             sampled = self.sampler(logits.float(), batch)
             tokens, lps = sampled.token_ids, sampled.logprobs
         for i, token, lp in zip(rows, tokens, lps, strict=True):

@@ -33,6 +33,7 @@ class Sequence:
     arrival_index: int = 0  # FCFS order
     adapter_key: tuple[str, int] | None = None  # (name, version); None = base model
     adapter: Any = None  # the registry's AdapterVersion pinned by this request
+    early_stop_ids: list[int] = field(default_factory=list)  # masked until min_tokens: EOS, stop token ids
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first schedule (-1 = not yet)

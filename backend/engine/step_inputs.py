@@ -25,6 +25,7 @@ class RequestState:
     num_prompt_tokens: int
     params: SamplingParams
     row: int  # its row in the host block table
+    early_stop_ids: list[int] = field(default_factory=list)  # masked until params.min_tokens outputs
     num_blocks: int = 0
     generator: torch.Generator | None = None
 
@@ -35,6 +36,12 @@ class RequestState:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    def blocked_tokens(self) -> list[int]:
+        """Ids the sampler must not pick now: EOS and stop ids while fewer than min_tokens are out."""
+        if len(self.token_ids) - self.num_prompt_tokens < self.params.min_tokens:
+            return self.early_stop_ids
+        return []
 
 
 @dataclass
@@ -96,7 +103,7 @@ class RequestTable:
                 self._grow_rows()
                 self.states[r.request_id] = RequestState(
                     r.new.prompt_token_ids + r.new.output_token_ids, len(r.new.prompt_token_ids), r.new.params,
-                    self.free_rows.pop(), generator=old.generator if old is not None else None)
+                    self.free_rows.pop(), r.new.early_stop_ids, generator=old.generator if old is not None else None)
             state = self.states[r.request_id]
             if r.new_block_ids:
                 n = len(r.new_block_ids)
