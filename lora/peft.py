@@ -54,6 +54,13 @@ UNSUPPORTED_FEATURES: dict[str, str] = {
 }
 
 
+def projection_shapes(hidden: int, intermediate: int, q_size: int, kv_size: int) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-able projection of a Llama/Qwen-style decoder layer."""
+    return {"q_proj": (hidden, q_size), "k_proj": (hidden, kv_size), "v_proj": (hidden, kv_size),
+            "o_proj": (q_size, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden)}
+
+
 @dataclass(frozen=True)
 class BaseModelSpec:
     """What an adapter must fit; the engine builds it from the loaded model."""
@@ -70,9 +77,7 @@ class BaseModelSpec:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
-        q, kv = heads * head_dim, kv_heads * head_dim
-        shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
-                  "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+        shapes = projection_shapes(hidden, inter, heads * head_dim, kv_heads * head_dim)
         arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
         return cls(arch, model_name, config.num_hidden_layers, shapes)
 

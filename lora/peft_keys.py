@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loraplex.errors import AdapterLoadError
+from loraplex.lora.types import PACKED_MODULES
 
 if TYPE_CHECKING:
     from loraplex.lora.peft import BaseModelSpec
@@ -22,10 +23,7 @@ if TYPE_CHECKING:
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>\w+)\."
                   r"(?P<module>\w+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight$")
 # module -> the decoder-layer submodule that holds it (Llama / Qwen / Mistral layout)
-MODULE_PARENT: dict[str, str] = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
+MODULE_PARENT: dict[str, str] = {m: block for block, modules in PACKED_MODULES.values() for m in modules}
 LORA_MODULES: tuple[str, ...] = tuple(MODULE_PARENT)
 EMBEDDING_NAMES = frozenset({"embed_tokens", "lm_head", "wte", "wpe", "word_embeddings", "embed_in",
                              "embed_out", "output", "shared"})

@@ -21,11 +21,9 @@ import torch
 
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.peft import LoRAWeights
+from loraplex.lora.types import PACKED_MODULES
 
-GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",),
-}
+GROUPS: dict[str, tuple[str, ...]] = {group: modules for group, (_, modules) in PACKED_MODULES.items()}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from torch import nn
 from loraplex.backend.layers.attention import PagedAttention
 from loraplex.backend.layers.basic import RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
 from loraplex.backend.layers.lora import LoRALinear
+from loraplex.lora.peft import projection_shapes
+from loraplex.lora.types import PACKED_MODULES
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,8 @@ class ArchSpec:
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-able projection."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
-            self.intermediate_size
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return projection_shapes(self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim,
+                                 self.num_kv_heads * self.head_dim)
 
 
 class Attention(nn.Module):
@@ -140,20 +140,10 @@ class DecoderModel(nn.Module):
 
     def lora_linears(self) -> list[tuple[int, str, tuple[str, ...], LoRALinear]]:
         """(layer, group, modules, layer object) of every LoRA-able linear."""
-        out = []
-        for i, layer in enumerate(self.layers):
-            assert isinstance(layer, DecoderLayer)
-            attn, mlp = layer.self_attn, layer.mlp
-            out += [(i, "qkv_proj", ("q_proj", "k_proj", "v_proj"), attn.qkv_proj),
-                    (i, "o_proj", ("o_proj",), attn.o_proj),
-                    (i, "gate_up_proj", ("gate_proj", "up_proj"), mlp.gate_up_proj),
-                    (i, "down_proj", ("down_proj",), mlp.down_proj)]
-        return out
+        return [(i, group, modules, getattr(getattr(layer, block), group))
+                for i, layer in enumerate(self.layers) for group, (block, modules) in PACKED_MODULES.items()]
 
 
 # HF parameter name (suffix after "model.layers.N.") -> (our name, slice index within the fused weight)
-FUSED = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0), "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2), "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
-}
+FUSED = {f"{block}.{module}": (f"{block}.{group}", i) for group, (block, modules) in PACKED_MODULES.items()
+         if len(modules) > 1 for i, module in enumerate(modules)}
