@@ -1,0 +1,82 @@
+"""Fused small ops of a decoder layer: public API, torch twins and device dispatch.
+
+Each op is one Triton launch on CUDA tensors (``fused_triton``) and its torch twin elsewhere
+(``backend="triton"`` forces the kernel, on CPU under ``TRITON_INTERPRET=1``). The twins are
+exactly the model's layers in backend/layers/basic.py (RMSNorm, silu_and_mul, RotaryEmbedding),
+so the Triton path rounds where they round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import Backend, use_triton
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+             backend: Backend = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, optionally after the residual add, in one kernel.
+
+    x, residual: [..., N]; weight: [N].
+    if residual is not None: x = x + residual                         (in x.dtype; returned as r)
+    y = weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)
+    returns y, or (y, r) with a residual.
+    """
+    if use_triton(x, backend):
+        from . import fused_triton
+
+        return fused_triton.rms_norm(x, weight, eps, residual)
+    return rms_norm_torch(x, weight, eps, residual)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+    dtype = x.dtype
+    xf = x.float()
+    y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return y if residual is None else (y, x)
+
+
+def silu_and_mul(x: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
+    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]  [T, I] (silu rounded to x.dtype before the product)."""
+    if use_triton(x, backend):
+        from . import fused_triton
+
+        return fused_triton.silu_and_mul(x)
+    return silu_and_mul_torch(x)
+
+
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, *, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half (neox) RoPE of q and k in place; returns (q, k).
+
+    positions: [T]; q: [T, H, D], k: [T, Hkv, D] (strided views of a fused qkv are fine; last dim
+    contiguous); cos, sin: [max_pos, D] float32 tables as RotaryEmbedding builds them.
+    x1, x2 = x.float().chunk(2, -1)
+    x[:] = (x.float() * cos[positions] + cat(-x2, x1) * sin[positions]).to(x.dtype)   for x in (q, k)
+    """
+    if use_triton(q, backend):
+        from . import fused_triton
+
+        fused_triton.rotary_embedding(positions, q, k, cos, sin)
+        return q, k
+    return rotary_embedding_torch(positions, q, k, cos, sin)
+
+
+def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c = cos[positions].unsqueeze(1)
+    s = sin[positions].unsqueeze(1)
+    for x in (q, k):
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        x.copy_((xf * c + torch.cat((-x2, x1), dim=-1) * s).to(x.dtype))
+    return q, k
