@@ -27,6 +27,11 @@ LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 512  # decode: split the context until the launch has about this many programs
 MAX_SPLITS = 32
 MIN_SPLIT_TOKENS = 256  # decode: no split shorter than this (by the table width)
+# Launch configurations (block_m: query rows = tokens x padded group); "BIG": head_dim > 128 or float32.
+DECODE = {"block_n": 64, "warps": 4, "stages": 3}
+DECODE_BIG = {"block_n": 32, "warps": 4, "stages": 3}
+PREFILL = {"block_m": 128, "block_n": 64, "warps": 8, "stages": 2}
+PREFILL_BIG = {"block_m": 64, "block_n": 32, "warps": 4, "stages": 2}
 
 
 @triton.jit
@@ -146,13 +151,13 @@ def num_splits(batch: int, num_kv_heads: int, max_kv: int) -> int:
 
 
 def _config(decode: bool, group: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(G_PAD, BLOCK_Q, BLOCK_N, num_warps, num_stages)."""
+    """(G_PAD, BLOCK_Q, BLOCK_N, num_warps, num_stages) from the tables above."""
     g_pad = triton.next_power_of_2(group)
     big = head_dim > 128 or dtype == torch.float32
+    cfg = (DECODE_BIG if big else DECODE) if decode else (PREFILL_BIG if big else PREFILL)
     if decode:
-        return max(16, g_pad), 1, 32 if big else 64, 4, 3
-    block_m = 64 if big else 128
-    return g_pad, max(1, block_m // g_pad), 32 if big else 64, 4 if big else 8, 2
+        return max(16, g_pad), 1, cfg["block_n"], cfg["warps"], cfg["stages"]
+    return g_pad, max(1, cfg["block_m"] // g_pad), cfg["block_n"], cfg["warps"], cfg["stages"]
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -53,12 +53,13 @@ def make_step(seq_lens: list[int], query_lens: list[int], heads: int, kv_heads: 
               block_size: int, dtype: torch.dtype = torch.float32, window: int | None = None, seed: int = 0,
               device: str = "cpu", table_dtype: torch.dtype = torch.int32, extra_blocks: int = 0) -> Step:
     gen = torch.Generator().manual_seed(seed)
+    dev_gen = torch.Generator(device).manual_seed(seed)  # big tensors are drawn on the device
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
     max_blocks = max(blocks_per_seq) + extra_blocks
     num_blocks = sum(blocks_per_seq) + 3
     cache_shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.randn(cache_shape, generator=gen).to(dtype)
-    v_cache = torch.randn(cache_shape, generator=gen).to(dtype)
+    k_cache = torch.randn(cache_shape, generator=dev_gen, device=device).to(dtype)
+    v_cache = torch.randn(cache_shape, generator=dev_gen, device=device).to(dtype)
     perm = torch.randperm(num_blocks, generator=gen)
     tables, used = [], 0
     for nb in blocks_per_seq:
@@ -68,12 +69,11 @@ def make_step(seq_lens: list[int], query_lens: list[int], heads: int, kv_heads: 
         tables.append(torch.cat([own, pad]))
     num_tokens = sum(query_lens)
     max_q = max(query_lens)
-    q = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(num_tokens, heads, head_dim, generator=dev_gen, device=device).to(dtype)
     index = torch.cat([torch.arange(ql) + b * max_q for b, ql in enumerate(query_lens)])
-    to = dict(device=device)
-    return Step(q.to(**to), k_cache.to(**to), v_cache.to(**to), torch.stack(tables).to(device, table_dtype),
-                torch.tensor(seq_lens, **to), torch.tensor(query_lens, **to), index.to(**to), max_q,
-                head_dim ** -0.5, window)
+    return Step(q, k_cache, v_cache, torch.stack(tables).to(device, table_dtype),
+                torch.tensor(seq_lens, device=device), torch.tensor(query_lens, device=device), index.to(device),
+                max_q, head_dim ** -0.5, window)
 
 
 def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
