@@ -9,17 +9,20 @@ Prefill: fresh prompts and chunks over a cached prefix; TFLOP/s counts only the 
 
     python bench/attention_kernels.py            # GPU; JSON to $OUT or bench/results/attention_kernels.json
     python bench/attention_kernels.py --sweep    # tuning: launch configs and split targets
+    python bench/attention_kernels.py --sweep-splits    # tuning: decode split limits at small batches
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,8 +39,9 @@ PREFILLS = [  # (name, seq_lens, query_lens)
     ("4 x 1024 fresh", [1024] * 4, [1024] * 4),
     ("2 x 512 over 4k cached", [4608] * 2, [512] * 2),
     ("1 x 8192 fresh", [8192], [8192]),
+    ("mixed: 512 chunk + 64 decodes at 4k", [1024] + [4096] * 64, [512] + [1] * 64),
 ]
-FLUSH = None
+FLUSH = torch.empty(0)  # L2 flush buffer, sized in main
 
 
 def timed(fn: Callable[[], object], reps: int = 20) -> float:
@@ -99,7 +103,7 @@ def decode_rows(model: str, bw: float, batches=BATCHES, contexts=CONTEXTS) -> li
             step = make_step([ctx] * batch, [1] * batch, heads, kv_heads, head_dim, 16, torch.bfloat16,
                              device="cuda")
             triton_us = timed(graphed(triton_fn(step)))
-            torch_us = timed(lambda s=step: s.run("torch")) if batch * ctx <= TORCH_MAX_TOKENS else None
+            torch_us = timed(functools.partial(step.run, "torch")) if batch * ctx <= TORCH_MAX_TOKENS else None
             floor_us = kv_bytes(step) / bw * 1e6
             rows.append(dict(model=model, batch=batch, context=ctx, triton_us=triton_us, torch_us=torch_us,
                              floor_us=floor_us, pct_of_floor=100 * floor_us / triton_us,
@@ -115,7 +119,7 @@ def prefill_rows(model: str) -> list[dict]:
     for name, seq_lens, query_lens in PREFILLS:
         step = make_step(seq_lens, query_lens, heads, kv_heads, head_dim, 16, torch.bfloat16, device="cuda")
         triton_us = timed(triton_fn(step))
-        torch_us = timed(lambda s=step: s.run("torch"))
+        torch_us = timed(functools.partial(step.run, "torch"))
         flops = causal_flops(step)
         rows.append(dict(model=model, case=name, triton_us=triton_us, torch_us=torch_us,
                          triton_tflops=flops / triton_us * 1e-6, torch_tflops=flops / torch_us * 1e-6))
@@ -130,6 +134,26 @@ def _fmt_decode(r: dict) -> str:
             f"| {r['floor_us']:.1f} | {r['pct_of_floor']:.0f}% |")
 
 
+def sweep_splits() -> list[dict]:
+    """Decode split-count limits at small batches, where splitting decides the time."""
+    results = []
+    heads, kv_heads, head_dim = HEADS["qwen3-0.6b"]
+    cases = [(b, c) for b in (1, 8) for c in (256, 512, 1024, 2048, 8192, 32768)]
+    steps = {c: make_step([c[1]] * c[0], [1] * c[0], heads, kv_heads, head_dim, 16, torch.bfloat16, device="cuda")
+             for c in cases}
+    default = attention_triton.MIN_SPLIT_TOKENS, attention_triton.MAX_SPLITS
+    for min_tokens in (64, 128, 256, 512, 1024):
+        for max_splits in (16, 32, 64, 128):
+            attention_triton.MIN_SPLIT_TOKENS, attention_triton.MAX_SPLITS = min_tokens, max_splits
+            row: dict[str, Any] = dict(kind="splits", min_split_tokens=min_tokens, max_splits=max_splits)
+            for c, step in steps.items():
+                row[f"{c[0]}x{c[1]}"] = round(timed(graphed(triton_fn(step)), reps=10), 1)
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    attention_triton.MIN_SPLIT_TOKENS, attention_triton.MAX_SPLITS = default
+    return results
+
+
 def sweep() -> list[dict]:
     """Decode and prefill launch configs on representative cases; split targets for decode."""
     results = []
@@ -142,7 +166,7 @@ def sweep() -> list[dict]:
         for warps in (2, 4, 8):
             for stages in (2, 3, 4):
                 attention_triton.DECODE.update(block_n=block_n, warps=warps, stages=stages)
-                row = dict(kind="decode", block_n=block_n, warps=warps, stages=stages)
+                row: dict[str, Any] = dict(kind="decode", block_n=block_n, warps=warps, stages=stages)
                 for c, step in steps.items():
                     row[f"{c[0]}x{c[1]}"] = timed(graphed(triton_fn(step)), reps=10)
                 print(json.dumps(row), flush=True)
@@ -150,11 +174,11 @@ def sweep() -> list[dict]:
     attention_triton.DECODE.update(default)
     for target in (128, 256, 512, 1024, 2048):
         attention_triton.TARGET_PROGRAMS = target
-        row = dict(kind="decode_target", target=target)
+        row2: dict[str, Any] = dict(kind="decode_target", target=target)
         for c, step in steps.items():
-            row[f"{c[0]}x{c[1]}"] = timed(graphed(triton_fn(step)), reps=10)
-        print(json.dumps(row), flush=True)
-        results.append(row)
+            row2[f"{c[0]}x{c[1]}"] = timed(graphed(triton_fn(step)), reps=10)
+        print(json.dumps(row2), flush=True)
+        results.append(row2)
     del steps
     prefill = make_step([4096] * 2, [2048] * 2, heads, kv_heads, head_dim, 16, torch.bfloat16, device="cuda")
     default = dict(attention_triton.PREFILL)
@@ -163,14 +187,15 @@ def sweep() -> list[dict]:
             for warps in (4, 8):
                 for stages in (2, 3):
                     attention_triton.PREFILL.update(block_m=block_m, block_n=block_n, warps=warps, stages=stages)
+                    us: float | str
                     try:
                         us = timed(triton_fn(prefill), reps=10)
                     except Exception as exc:  # out of shared memory for this config
                         us = f"failed: {type(exc).__name__}"
-                    row = dict(kind="prefill", block_m=block_m, block_n=block_n, warps=warps, stages=stages,
+                    row3 = dict(kind="prefill", block_m=block_m, block_n=block_n, warps=warps, stages=stages,
                                us_2x2048_over_2k=us)
-                    print(json.dumps(row), flush=True)
-                    results.append(row)
+                    print(json.dumps(row3), flush=True)
+                    results.append(row3)
     attention_triton.PREFILL.update(default)
     return results
 
@@ -179,11 +204,16 @@ def main() -> None:
     global FLUSH
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="tuning sweep of launch configs")
+    parser.add_argument("--sweep-splits", action="store_true", help="tuning sweep of decode split limits")
     parser.add_argument("--models", default="qwen3-0.6b,llama3-8b")
     args = parser.parse_args()
     FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
+    if args.sweep_splits:
+        with open(os.path.join(out_dir, "attention_kernels_splits.json"), "w") as f:
+            json.dump(sweep_splits(), f, indent=1)
+        return
     if args.sweep:
         with open(os.path.join(out_dir, "attention_kernels_sweep.json"), "w") as f:
             json.dump(sweep(), f, indent=1)

@@ -27,6 +27,13 @@ LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 512  # decode: split the context until the launch has about this many programs
 MAX_SPLITS = 32
 MIN_SPLIT_TOKENS = 256  # decode: no split shorter than this (by the table width)
+# Mixed steps whose block table spans at least this many tokens run their one-token rows through
+# the split decode launch (a second launch) instead of the prefill tiles, which would give each
+# long decode row one program and BLOCK_Q-fold matrix work.
+MIXED_SPLIT_MIN_KV = 2048
+ALL_ROWS, DECODE_ROWS, MULTI_ROWS = 0, 1, 2  # which sequences a launch serves (by query count)
+_DECODE_ROWS: tl.constexpr = tl.constexpr(DECODE_ROWS)
+_MULTI_ROWS: tl.constexpr = tl.constexpr(MULTI_ROWS)
 # Launch configurations (block_m: query rows = tokens x padded group); "BIG": head_dim > 128 or float32.
 DECODE = {"block_n": 64, "warps": 4, "stages": 3}
 DECODE_BIG = {"block_n": 32, "warps": 4, "stages": 3}
@@ -43,7 +50,7 @@ def _attn_kernel(
     H,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, Q_TILES: tl.constexpr, SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, ROWS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     b = tl.program_id(0) // Q_TILES
@@ -53,6 +60,10 @@ def _attn_kernel(
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if i0 >= q_len:
+        return
+    if ROWS == _DECODE_ROWS and q_len != 1:
+        return
+    if ROWS == _MULTI_ROWS and q_len == 1:
         return
     ctx = tl.load(seq_lens_ptr + b).to(tl.int32) - q_len  # position of the first query token
     rows = tl.arange(0, BLOCK_M)
@@ -123,7 +134,7 @@ def _merge_splits_kernel(out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, s_ot, s_oh,
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + b)
-    if tl.load(qsl_ptr + b + 1) == q_start:
+    if tl.load(qsl_ptr + b + 1) - q_start != 1:  # only one-token rows are split
         return
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D_PAD)
@@ -165,17 +176,37 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     sliding_window: int | None = None, out: torch.Tensor | None = None,
                     splits: int | None = None) -> torch.Tensor:
     """q [T, H, D] (tokens of one sequence contiguous), k/v_cache [N, BS, Hkv, D], block_tables [B, M],
-    seq_lens [B], query_start_loc [B+1] int32 -> out [T, H, D] (optional preallocated)."""
+    seq_lens [B], query_start_loc [B+1] int32 -> out [T, H, D] (optional preallocated).
+    splits: the decode split count (default: from the shapes, see num_splits)."""
     num_seqs, max_blocks = block_tables.shape
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    num_heads = q.shape[1]
-    group = num_heads // num_kv_heads
+    block_size = k_cache.shape[1]
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0 or num_seqs == 0:
         return out
+    max_kv = max_blocks * block_size
+    args = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+    if max_query_len <= 1:
+        _launch(*args, 1, ALL_ROWS, splits)
+    elif max_kv < MIXED_SPLIT_MIN_KV:
+        _launch(*args, max_query_len, ALL_ROWS, 1)
+    else:
+        _launch(*args, max_query_len, MULTI_ROWS, 1)
+        _launch(*args, 1, DECODE_ROWS, splits)
+    return out
+
+
+def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+            sliding_window: int | None, max_query_len: int, rows: int, splits: int | None) -> None:
+    """One attention launch over the rows selected (decode config when max_query_len == 1), then the
+    split merge if any."""
+    num_seqs, max_blocks = block_tables.shape
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_heads = q.shape[1]
+    group = num_heads // num_kv_heads
     decode = max_query_len <= 1
     g_pad, block_q, block_n, warps, stages = _config(decode, group, head_dim, q.dtype)
     if splits is None:
@@ -193,7 +224,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
         block_tables.stride(0), num_heads,
         G=group, G_PAD=g_pad, D=head_dim, D_PAD=d_pad, BS=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
-        Q_TILES=q_tiles, SPLITS=splits, USE_WINDOW=window > 0, DOT_F32=_dot_f32(q.dtype),
+        Q_TILES=q_tiles, SPLITS=splits, USE_WINDOW=window > 0, DOT_F32=_dot_f32(q.dtype), ROWS=rows,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
@@ -201,7 +232,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             out, part_o, part_lse, query_start_loc, out.stride(0), out.stride(1), num_heads,
             D=head_dim, D_PAD=d_pad, SPLITS=splits, S_PAD=triton.next_power_of_2(splits), num_warps=4,
         )
-    return out
 
 
 @triton.jit

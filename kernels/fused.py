@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import Backend, use_triton
+from .attention import Backend, use_triton, write_kv
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
@@ -80,3 +80,34 @@ def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Te
         x1, x2 = xf.chunk(2, dim=-1)
         x.copy_((xf * c + torch.cat((-x2, x1), dim=-1) * s).to(x.dtype))
     return q, k
+
+
+def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          num_heads: int, num_kv_heads: int, q_norm_weight: torch.Tensor | None = None,
+                          k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, *,
+                          backend: Backend = "auto") -> torch.Tensor:
+    """The attention prologue in one launch: split the fused projection, per-head q/k RMSNorm (Qwen3;
+    skipped when the weights are None), RoPE, K/V into the cache; returns q [T, H, D] (a new tensor).
+
+    qkv: [T, (H + 2*Hkv) * D]; k/v_cache: [N, BS, Hkv, D]; slot_mapping: [T] (< 0: no write);
+    q, k, v = qkv.split([H*D, Hkv*D, Hkv*D], -1)       (viewed as [T, heads, D])
+    if q_norm_weight is not None: q, k = rms_norm(q, q_norm_weight, eps), rms_norm(k, k_norm_weight, eps)
+    q, k = rotary_embedding(positions, q, k, cos, sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping);  return q
+    """
+    if use_triton(qkv, backend):
+        from . import fused_triton
+
+        return fused_triton.qk_norm_rope_write_kv(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping,
+                                                  num_heads, num_kv_heads, q_norm_weight, k_norm_weight, eps)
+    head_dim = k_cache.shape[-1]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(-1, num_heads, head_dim)
+    k = k.reshape(-1, num_kv_heads, head_dim)
+    v = v.reshape(-1, num_kv_heads, head_dim)
+    if q_norm_weight is not None and k_norm_weight is not None:
+        q, k = rms_norm_torch(q, q_norm_weight, eps), rms_norm_torch(k, k_norm_weight, eps)
+    q, k = rotary_embedding_torch(positions, q.clone(), k.clone(), cos, sin)  # type: ignore[arg-type]
+    write_kv(k, v, k_cache, v_cache, slot_mapping, backend="torch")
+    return q

@@ -122,3 +122,80 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         HKV_PAD=triton.next_power_of_2(kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
         num_warps=4, enable_fp_fusion=False,  # no FMA: the same roundings as the torch twin
     )
+
+
+@triton.jit
+def _norm_rope_heads(src_ptr, dst_ptr, s_dst_h, w_ptr, eps, c1, c2, s1, s2, dst_slot,
+                     HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                     HAS_NORM: tl.constexpr):
+    """Heads [HEADS, 2*HALF] at src (contiguous heads): optional per-head RMSNorm, RoPE, store at dst."""
+    h = tl.arange(0, H_PAD)[:, None]
+    d = tl.arange(0, HALF_PAD)[None, :]
+    mask = (h < HEADS) & (d < HALF)
+    x1 = tl.load(src_ptr + h * (2 * HALF) + d, mask=mask, other=0.0)
+    x2 = tl.load(src_ptr + h * (2 * HALF) + HALF + d, mask=mask, other=0.0)
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    if HAS_NORM:  # rounded to x's dtype, then times the weight, as RMSNorm does
+        rstd = 1.0 / tl.sqrt_rn((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / (2 * HALF) + eps)
+        w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0)
+        w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0)
+        f1 = (w1.to(tl.float32) * (f1 * rstd[:, None]).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
+        f2 = (w2.to(tl.float32) * (f2 * rstd[:, None]).to(x1.dtype).to(tl.float32)).to(x1.dtype).to(tl.float32)
+    ptr = dst_ptr + h * s_dst_h + d
+    mask = mask & ((tl.zeros([H_PAD, HALF_PAD], tl.int64) + dst_slot) >= 0)  # dst_slot < 0: no store
+    tl.store(ptr, (f1 * c1 + (-f2) * s1).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + HALF, (f2 * c2 + f1 * s2).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, kc_ptr, vc_ptr, slots_ptr,
+                            s_qkv, s_q, s_cos, s_sin, s_cn, s_cb, s_ch, s_dn, s_db, s_dh, eps,
+                            H: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+                            HALF: tl.constexpr, HALF_PAD: tl.constexpr, BS: tl.constexpr, HAS_NORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    p = tl.load(pos_ptr + t).to(tl.int64)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    d = tl.arange(0, HALF_PAD)[None, :]
+    dm = d < HALF
+    c1 = tl.load(cos_ptr + p * s_cos + d, mask=dm, other=0.0)
+    c2 = tl.load(cos_ptr + p * s_cos + HALF + d, mask=dm, other=0.0)
+    s1 = tl.load(sin_ptr + p * s_sin + d, mask=dm, other=0.0)
+    s2 = tl.load(sin_ptr + p * s_sin + HALF + d, mask=dm, other=0.0)
+    row = qkv_ptr + t * s_qkv
+    _norm_rope_heads(row, q_ptr + t * s_q, 2 * HALF, qw_ptr, eps, c1, c2, s1, s2, t,
+                     H, H_PAD, HALF, HALF_PAD, HAS_NORM)
+    blk = tl.maximum(slot, 0) // BS
+    off = tl.maximum(slot, 0) % BS
+    _norm_rope_heads(row + H * 2 * HALF, kc_ptr + blk * s_cn + off * s_cb, s_ch, kw_ptr, eps, c1, c2, s1, s2,
+                     slot, HKV, HKV_PAD, HALF, HALF_PAD, HAS_NORM)
+    h = tl.arange(0, HKV_PAD)[:, None]
+    dv = tl.arange(0, 2 * HALF_PAD)[None, :]
+    vmask = (h < HKV) & (dv < 2 * HALF) & ((tl.zeros([HKV_PAD, 2 * HALF_PAD], tl.int64) + slot) >= 0)
+    v = tl.load(row + (H + HKV) * 2 * HALF + h * (2 * HALF) + dv, mask=vmask)
+    tl.store(vc_ptr + blk * s_dn + off * s_db + h * s_dh + dv, v.to(vc_ptr.dtype.element_ty), mask=vmask)
+
+
+def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          num_heads: int, num_kv_heads: int, q_norm_weight: torch.Tensor | None,
+                          k_norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    num_tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    has_norm = q_norm_weight is not None and k_norm_weight is not None
+    q_dtype = torch.promote_types(qkv.dtype, q_norm_weight.dtype) if q_norm_weight is not None else qkv.dtype
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=q_dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    half = head_dim // 2
+    _qk_norm_rope_kv_kernel[(num_tokens,)](
+        qkv, positions, cos, sin, q_norm_weight if has_norm else cos, k_norm_weight if has_norm else cos,
+        q, k_cache, v_cache, slot_mapping, qkv.stride(0), q.stride(0), cos.stride(0), sin.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], eps,
+        H=num_heads, HKV=num_kv_heads, H_PAD=triton.next_power_of_2(num_heads),
+        HKV_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        BS=k_cache.shape[1], HAS_NORM=has_norm, num_warps=4, enable_fp_fusion=False,
+    )
+    return q

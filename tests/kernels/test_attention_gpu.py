@@ -90,9 +90,10 @@ def test_decode_in_cuda_graph(model):
         check(out, step.reference(), torch.bfloat16)
 
 
-def test_mixed_step_in_cuda_graph():
+@pytest.mark.parametrize("first", [600, 6000])  # 6000: decode rows take the split launch
+def test_mixed_step_in_cuda_graph(first):
     """A prefill launch sized by max_query_len at capture stays right for any step within it."""
-    step = make_step([600, 300, 40, 1], [64, 64, 40, 1], 16, 8, 128, 16, torch.bfloat16, device="cuda")
+    step = make_step([first, 300, 40, 1], [64, 64, 40, 1], 16, 8, 128, 16, torch.bfloat16, device="cuda")
     qsl = step.query_start_loc.clone()
     graph = torch.cuda.CUDAGraph()
     run_triton(step, qsl=qsl)
@@ -101,7 +102,7 @@ def test_mixed_step_in_cuda_graph():
         out = run_triton(step, qsl=qsl)
     gen = torch.Generator().manual_seed(8)
     query_lens = [64, 40, 64, 1]  # the same 169 rows split differently, none longer than 64
-    _refill(step, [600, 40, 70, 2], gen)
+    _refill(step, [first, 40, 70, 2], gen)
     step.query_lens.copy_(torch.tensor(query_lens))
     step.query_index = torch.cat([torch.arange(n) + b * 64 for b, n in enumerate(query_lens)]).cuda()
     qsl.copy_(step.query_start_loc)

@@ -121,3 +121,13 @@ def test_write_kv_skips_padding(dtype, slot_dtype):
     write_kv(k, v, kv[1, 0], kv[1, 1], slots, backend="triton")
     assert torch.equal(kv, expected)
     assert not torch.equal(kv[1, 0].view(-1, 3, 80)[5], torch.zeros(3, 80, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("window", [None, 30])
+def test_mixed_step_with_split_decode_rows(monkeypatch, window):
+    """Past MIXED_SPLIT_MIN_KV of table width, one-token rows of a mixed step take the split decode launch."""
+    monkeypatch.setattr(attention_triton, "MIXED_SPLIT_MIN_KV", 64)
+    monkeypatch.setattr(attention_triton, "MIN_SPLIT_TOKENS", 16)
+    step = make_step([200, 1, 90, 7, 33], [1, 1, 40, 7, 1], 8, 2, 64, 16, window=window, device=DEVICE)
+    check(run_triton(step), step.reference(), torch.float32)
+    check(run_triton(step, splits=1), step.reference(), torch.float32)

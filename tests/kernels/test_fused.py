@@ -9,7 +9,7 @@ import torch
 
 from loraplex.backend.layers.basic import RMSNorm, RotaryEmbedding
 from loraplex.backend.layers.basic import silu_and_mul as layer_silu_and_mul
-from loraplex.kernels.fused import rms_norm, rotary_embedding, silu_and_mul
+from loraplex.kernels.fused import qk_norm_rope_write_kv, rms_norm, rotary_embedding, silu_and_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32: reduction order only. bf16: one rounding apart at most (the interpreter truncates bf16).
@@ -102,3 +102,36 @@ def test_rope_torch_twin_matches_layer():
     want = rope(positions, q, k)
     got = rotary_embedding(positions, q.clone(), k.clone(), rope.cos, rope.sin, backend="torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def check_prologue(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                   qk_norm: bool, device: str = DEVICE) -> None:
+    rope = rope_layer(head_dim, device=device)
+    qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=6, device=device)
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(7)).to(device)
+    num_blocks = -(-tokens // block_size) + 2
+    cache = rand(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, seed=8, device=device)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(9))[:tokens]
+    slots[1::3] = -1  # padding rows: no write
+    slots = slots.to(device)
+    weights = (rand(head_dim, dtype=dtype, seed=10, device=device), rand(head_dim, dtype=dtype, seed=11,
+                                                                         device=device)) if qk_norm else (None, None)
+    want_cache = cache.clone()
+    want_q = qk_norm_rope_write_kv(qkv, positions, rope.cos, rope.sin, want_cache[0], want_cache[1], slots, heads,
+                                   kv_heads, *weights, eps=1e-6, backend="torch")
+    q = qk_norm_rope_write_kv(qkv, positions, rope.cos, rope.sin, cache[0], cache[1], slots, heads, kv_heads,
+                              *weights, eps=1e-6, backend="triton")
+    assert q.shape == (tokens, heads, head_dim)
+    close(q, want_q)
+    close(cache, want_cache)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots[slots >= 0].cpu()] = False
+    assert torch.equal(cache[:, untouched.view(num_blocks, block_size)],
+                       want_cache[:, untouched.view(num_blocks, block_size)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(4, 2, 64, 4), (3, 1, 80, 1)])
+def test_qk_norm_rope_write_kv(heads, kv_heads, head_dim, block_size, dtype, qk_norm):
+    check_prologue(7, heads, kv_heads, head_dim, block_size, dtype, qk_norm)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fused import DEVICE, DTYPES, check_rms_norm, check_rope, close, layer_norm, rand, rope_layer
+from test_fused import (
+    DEVICE,
+    DTYPES,
+    check_prologue,
+    check_rms_norm,
+    check_rope,
+    close,
+    layer_norm,
+    rand,
+    rope_layer,
+)
 
 from loraplex.backend.layers.basic import silu_and_mul as layer_silu_and_mul
 from loraplex.kernels.fused import rms_norm, rotary_embedding, silu_and_mul
@@ -52,3 +62,10 @@ def test_gpu_cuda_graph_replay():
         wq, wk = rope(positions, q0, k0)
         close(q, wq)
         close(k, wk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "qk_norm"), [(16, 8, True), (32, 8, False)])
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_qk_norm_rope_write_kv_real_shapes(tokens, heads, kv_heads, qk_norm, dtype):
+    check_prologue(tokens, heads, kv_heads, 128, 16, dtype, qk_norm)
