@@ -25,8 +25,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 512  # decode: split the context until the launch has about this many programs
-MAX_SPLITS = 32
-MIN_SPLIT_TOKENS = 256  # decode: no split shorter than this (by the table width)
+MAX_SPLITS = 64
+MIN_SPLIT_TOKENS = 64  # decode: no split shorter than this (by the table width); H200 sweep: 64 best
 # Mixed steps whose block table spans at least this many tokens run their one-token rows through
 # the split decode launch (a second launch) instead of the prefill tiles, which would give each
 # long decode row one program and BLOCK_Q-fold matrix work.
