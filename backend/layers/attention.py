@@ -1,8 +1,10 @@
-"""The paged-attention layer: writes this step's K/V into the cache and attends over it.
+"""The paged-attention layer: the attention prologue (per-head q/k norm, RoPE, the K/V cache
+write) and attention over the paged cache.
 
-It owns the layer's cache views and the kernel choice; model files only call
-``attn(q, k, v)``. The step's metadata (block tables, lengths) comes from the
-forward context that the runner sets.
+It owns the layer's cache views and the kernel choice; model files hand it the fused
+q/k/v projection. On CUDA the prologue is one Triton launch and attention reads the
+cache in place; elsewhere both run as their torch twins. The step's metadata (block
+tables, lengths) comes from the forward context that the runner sets.
 """
 
 from __future__ import annotations
@@ -10,28 +12,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex.backend.layers.basic import RotaryEmbedding
 from loraplex.backend.layers.context import get_context
-from loraplex.kernels.attention import paged_attention, write_kv
+from loraplex.kernels.attention import paged_attention
+from loraplex.kernels.fused import qk_norm_rope_write_kv
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rope: RotaryEmbedding,
+                 sliding_window: int | None = None, norm_eps: float = 1e-6):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = scale
+        self.scale = head_dim ** -0.5
+        self.rope = rope
         self.sliding_window = sliding_window
+        self.norm_eps = norm_eps
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D], set by the runner
         self.v_cache: torch.Tensor | None = None
 
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, Hkv, D] -> [T, H * D]."""
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor,
+                qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """qkv: [T, (H + 2 Hkv) * D]; qk_norm: per-head RMSNorm weights of q and k (Qwen3) -> [T, H * D]."""
         meta = get_context().attn
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not allocated"
-        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        q_w, k_w = qk_norm if qk_norm is not None else (None, None)
+        q = qk_norm_rope_write_kv(qkv, positions, self.rope.cos, self.rope.sin, self.k_cache, self.v_cache,
+                                  meta.slot_mapping, self.num_heads, self.num_kv_heads, q_w, k_w, self.norm_eps)
         mask = None
         if self.k_cache.device.type != "cuda":  # the torch reference path shares one mask per step
             mask = meta.mask(self.sliding_window, self.k_cache.shape[1])

@@ -60,25 +60,19 @@ class ArchSpec:
 class Attention(nn.Module):
     def __init__(self, spec: ArchSpec, rope: RotaryEmbedding):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.qkv_proj = LoRALinear(spec.hidden_size, (q_size, kv_size, kv_size), bias=spec.attention_bias)
         self.o_proj = LoRALinear(q_size, (spec.hidden_size,))
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.rope = rope
-        self.attn = PagedAttention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5,
-                                   spec.sliding_window)
+        self.attn = PagedAttention(spec.num_heads, spec.num_kv_heads, spec.head_dim, rope, spec.sliding_window,
+                                   spec.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_slices, dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)  # [T, H, D], contiguous: RoPE works in place
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        self.rope(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+            qk_norm = (self.q_norm.weight, self.k_norm.weight)
+        return self.o_proj(self.attn(positions, self.qkv_proj(x), qk_norm))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,133 @@
+"""Triton paged attention and KV write against the torch references, at small shapes.
+
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py); with CUDA they run natively at the same shapes. The reference is the torch
+path in float32; every output row starts as NaN, so a row the kernel forgets shows up.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_cases import check, make_step
+
+from loraplex.kernels import attention
+from loraplex.kernels.attention import write_kv
+
+attention_triton = pytest.importorskip("loraplex.kernels.attention_triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_triton(step, splits: int | None = None, qsl: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch.full_like(step.q, float("nan"))
+    return attention_triton.paged_attention(
+        step.q, step.k_cache, step.v_cache, step.block_tables, step.seq_lens,
+        step.query_start_loc if qsl is None else qsl, step.max_query_len, step.scale, step.window, out=out,
+        splits=splits)
+
+
+# (heads, kv_heads, head_dim, block_size, dtype): GQA 1/2/4/8 and MQA, every head dim, block sizes 1..128
+DECODE_SHAPES = [
+    (4, 4, 64, 16, torch.float32),
+    (4, 2, 80, 4, torch.bfloat16),
+    (8, 2, 96, 8, torch.float16),
+    (8, 1, 128, 32, torch.float32),
+    (16, 2, 64, 1, torch.bfloat16),
+    (6, 1, 256, 128, torch.float32),
+    (3, 3, 128, 2, torch.float16),
+]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "dtype"), DECODE_SHAPES)
+def test_decode(heads, kv_heads, head_dim, block_size, dtype):
+    step = make_step([1, 37, 200, 5], [1, 1, 1, 1], heads, kv_heads, head_dim, block_size, dtype,
+                     seed=heads + head_dim, device=DEVICE)
+    check(run_triton(step), step.reference(), dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8])
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_splits(splits, window):
+    """Splits longer than some contexts leave empty partials; the merge must ignore them."""
+    step = make_step([300, 3, 129, 64], [1, 1, 1, 1], 8, 2, 64, 16, window=window, seed=splits,
+                     device=DEVICE, table_dtype=torch.int64, extra_blocks=2)
+    check(run_triton(step, splits=splits), step.reference(), torch.float32)
+
+
+def test_decode_padded_rows_and_empty_sequences():
+    """Graph-bucket padding: rows of length 1 on a dummy block; a sequence with no query this step."""
+    step = make_step([50, 1, 1, 20], [1, 1, 1, 1], 4, 2, 64, 8, device=DEVICE)
+    step.block_tables[1:3] = 0  # both padding rows read block 0
+    check(run_triton(step, splits=4), step.reference(), torch.float32)
+    sub = make_step([50, 9, 20], [1, 0, 1], 4, 2, 64, 8, device=DEVICE)  # sequence 1 has no query
+    check(run_triton(sub, splits=2), sub.reference(), torch.float32)
+    check(run_triton(sub, splits=1), sub.reference(), torch.float32)
+
+
+# seq_lens, query_lens: one prefill, prefill + decodes, chunked prefill over a cached prefix
+MIXED = [
+    ([13], [13]),
+    ([40, 9, 1, 70], [40, 1, 1, 3]),
+    ([90, 33, 17], [20, 33, 5]),
+]
+
+
+@pytest.mark.parametrize(("seq_lens", "query_lens"), MIXED)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size", "dtype"), [
+    (4, 4, 64, 4, torch.float32),
+    (8, 2, 80, 16, torch.bfloat16),
+    (8, 1, 128, 1, torch.float16),
+    (4, 1, 96, 32, torch.float32),
+])
+def test_prefill_and_mixed(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype):
+    step = make_step(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, device=DEVICE,
+                     seed=len(seq_lens))
+    check(run_triton(step), step.reference(), dtype)
+
+
+def test_prefill_head_dim_256_gqa_8():
+    step = make_step([70, 20], [30, 20], 16, 2, 256, 16, torch.bfloat16, device=DEVICE)
+    check(run_triton(step), step.reference(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("window", [1, 7, 64])
+def test_prefill_sliding_window(window):
+    step = make_step([90, 33, 12], [20, 33, 1], 4, 2, 64, 8, window=window, device=DEVICE, seed=window)
+    check(run_triton(step), step.reference(), torch.float32)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_public_api_dispatch(table_dtype):
+    """backend='triton' through the public function (query_start_loc computed on the device)."""
+    step = make_step([25, 8], [25, 2], 4, 2, 64, 8, device=DEVICE, table_dtype=table_dtype)
+    check(step.run("triton"), step.reference(), torch.float32)
+    check(step.run("triton", query_start_loc=step.query_start_loc), step.reference(), torch.float32)
+    assert attention.use_triton(step.q, "auto") == (DEVICE == "cuda")
+    with pytest.raises(ValueError, match="backend"):
+        step.run("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_write_kv_skips_padding(dtype, slot_dtype):
+    gen = torch.Generator().manual_seed(3)
+    kv = torch.randn(2, 2, 6, 4, 3, 80, generator=gen).to(dtype).to(DEVICE)  # [L, 2, N, BS, Hkv, D]
+    k = torch.randn(7, 3, 80, generator=gen).to(dtype).to(DEVICE)
+    v = torch.randn(7, 3, 80, generator=gen).to(dtype).to(DEVICE)
+    slots = torch.tensor([5, -1, 0, 23, -1, 12, 6], dtype=slot_dtype, device=DEVICE)
+    expected = kv.clone()
+    write_kv(k, v, expected[1, 0], expected[1, 1], slots, backend="torch")
+    write_kv(k, v, kv[1, 0], kv[1, 1], slots, backend="triton")
+    assert torch.equal(kv, expected)
+    assert not torch.equal(kv[1, 0].view(-1, 3, 80)[5], torch.zeros(3, 80, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("window", [None, 30])
+def test_mixed_step_with_split_decode_rows(monkeypatch, window):
+    """Past MIXED_SPLIT_MIN_KV of table width, one-token rows of a mixed step take the split decode launch."""
+    monkeypatch.setattr(attention_triton, "MIXED_SPLIT_MIN_KV", 64)
+    monkeypatch.setattr(attention_triton, "MIN_SPLIT_TOKENS", 16)
+    step = make_step([200, 1, 90, 7, 33], [1, 1, 40, 7, 1], 8, 2, 64, 16, window=window, device=DEVICE)
+    check(run_triton(step), step.reference(), torch.float32)
+    check(run_triton(step, splits=1), step.reference(), torch.float32)

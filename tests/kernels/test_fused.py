@@ -1,0 +1,137 @@
+"""Fused small ops (RMSNorm + residual, SiLU-and-mul, RoPE): Triton against the torch twins and the
+model's own layers (backend/layers/basic.py), float32 and bf16. test_fused_gpu.py reuses the helpers
+at real shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.backend.layers.basic import RMSNorm, RotaryEmbedding
+from loraplex.backend.layers.basic import silu_and_mul as layer_silu_and_mul
+from loraplex.kernels.fused import qk_norm_rope_write_kv, rms_norm, rotary_embedding, silu_and_mul
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32: reduction order only. bf16: one rounding apart at most (the interpreter truncates bf16).
+TOLS = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1.6e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    atol, rtol = TOLS[torch.bfloat16 if torch.bfloat16 in (a.dtype, b.dtype) else torch.float32]
+    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
+
+
+def rand(*shape: int, dtype: torch.dtype, seed: int = 0, device: str = DEVICE) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+
+
+def layer_norm(dim: int, dtype: torch.dtype, device: str = DEVICE) -> RMSNorm:
+    norm = RMSNorm(dim, 1e-6).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(rand(dim, dtype=dtype, seed=9, device=device) * 0.5 + 1)
+    return norm
+
+
+def rope_layer(head_dim: int, max_pos: int = 4096, device: str = DEVICE) -> RotaryEmbedding:
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    return RotaryEmbedding(head_dim, max_pos, inv_freq).to(device)
+
+
+def check_rms_norm(tokens: int, dim: int, dtype: torch.dtype, backend: str = "triton") -> None:
+    norm = layer_norm(dim, dtype)
+    x, res = rand(tokens, dim, dtype=dtype, seed=1), rand(tokens, dim, dtype=dtype, seed=2)
+    with torch.no_grad():
+        close(rms_norm(x, norm.weight, norm.eps, backend=backend), norm(x))
+        y, r = rms_norm(x, norm.weight, norm.eps, res, backend=backend)
+        close(r, x + res)
+        close(y, norm(x + res))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "dim"), [(3, 64), (5, 96), (1, 1000)])
+def test_rms_norm_matches_layer(tokens, dim, dtype):
+    check_rms_norm(tokens, dim, dtype)
+    check_rms_norm(tokens, dim, dtype, backend="torch")
+
+
+def test_rms_norm_per_head_3d():
+    """Qwen3's q/k norm: [T, H, D] normalised over D."""
+    x = rand(4, 3, 64, dtype=torch.float32)
+    w = rand(64, dtype=torch.float32, seed=5)
+    close(rms_norm(x, w, 1e-6, backend="triton"), rms_norm(x, w, 1e-6, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "inter"), [(3, 40), (2, 1500)])
+def test_silu_and_mul_matches_layer(tokens, inter, dtype):
+    x = rand(tokens, 2 * inter, dtype=dtype)
+    out = silu_and_mul(x, backend="triton")
+    assert out.shape == (tokens, inter)
+    close(out, layer_silu_and_mul(x))
+    close(silu_and_mul(x, backend="torch"), layer_silu_and_mul(x))
+
+
+def check_rope(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, exact: bool) -> None:
+    rope = rope_layer(head_dim)
+    qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=3)
+    q = qkv[:, :heads * head_dim].view(tokens, heads, head_dim)  # strided views of the fused projection
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want_q, want_k = rope(positions, q.clone(), k.clone())
+    rotary_embedding(positions, q, k, rope.cos, rope.sin, backend="triton")
+    if exact:
+        assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    close(q, want_q)
+    close(k, want_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 2, 64), (3, 1, 80), (2, 2, 128)])
+def test_rope_matches_layer(heads, kv_heads, head_dim, dtype):
+    check_rope(5, heads, kv_heads, head_dim, dtype, exact=dtype == torch.float32)
+
+
+def test_rope_torch_twin_matches_layer():
+    rope = rope_layer(64)
+    q, k = rand(3, 4, 64, dtype=torch.bfloat16), rand(3, 2, 64, dtype=torch.bfloat16, seed=1)
+    positions = torch.tensor([0, 7, 4095], device=DEVICE)
+    want = rope(positions, q, k)
+    got = rotary_embedding(positions, q.clone(), k.clone(), rope.cos, rope.sin, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def check_prologue(tokens: int, heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                   qk_norm: bool, device: str = DEVICE) -> None:
+    rope = rope_layer(head_dim, device=device)
+    qkv = rand(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=6, device=device)
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(7)).to(device)
+    num_blocks = -(-tokens // block_size) + 2
+    cache = rand(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, seed=8, device=device)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(9))[:tokens]
+    slots[1::3] = -1  # padding rows: no write
+    slots = slots.to(device)
+    weights = (rand(head_dim, dtype=dtype, seed=10, device=device), rand(head_dim, dtype=dtype, seed=11,
+                                                                         device=device)) if qk_norm else (None, None)
+    want_cache = cache.clone()
+    want_q = qk_norm_rope_write_kv(qkv, positions, rope.cos, rope.sin, want_cache[0], want_cache[1], slots, heads,
+                                   kv_heads, *weights, eps=1e-6, backend="torch")
+    q = qk_norm_rope_write_kv(qkv, positions, rope.cos, rope.sin, cache[0], cache[1], slots, heads, kv_heads,
+                              *weights, eps=1e-6, backend="triton")
+    assert q.shape == (tokens, heads, head_dim)
+    close(q, want_q)
+    close(cache, want_cache)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots[slots >= 0].cpu()] = False
+    assert torch.equal(cache[:, untouched.view(num_blocks, block_size)],
+                       want_cache[:, untouched.view(num_blocks, block_size)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(4, 2, 64, 4), (3, 1, 80, 1)])
+def test_qk_norm_rope_write_kv(heads, kv_heads, head_dim, block_size, dtype, qk_norm):
+    check_prologue(7, heads, kv_heads, head_dim, block_size, dtype, qk_norm)
