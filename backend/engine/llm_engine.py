@@ -48,6 +48,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats(kv_blocks_total=parts.num_blocks)
         self._residency_key: tuple[Any, ...] = ()
+        self._update_stats()  # routers read slots and preloaded adapters before the first request
 
     @property
     def device(self) -> torch.device:
