@@ -3,6 +3,7 @@ Inference Extension's model-server protocol and llm-d's LoRA scorers read a vLLM
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import threading
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loraplex.backend.cli_args import add_config_flags, server_config_from_args
 from loraplex.backend.demo import DEMO_ADAPTERS
 from loraplex.clients import Client
 from tests.server.harness import RunningServer, chat_request, metric_value, start_server, stop_server
@@ -119,3 +121,17 @@ def test_promtool_accepts_the_endpoint_but_for_vllm_colons(server: RunningServer
     problems = [line for line in (r.stdout + r.stderr).splitlines()
                 if line.strip() and "metric names should not contain ':'" not in line]
     assert not problems, problems
+
+
+def test_no_vllm_metrics_flag_turns_the_vllm_families_off() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    config = server_config_from_args(parser.parse_args(["--no-vllm-metrics"]), environ={})
+    assert config.vllm_metrics is False
+    rs = start_server(server_kwargs={"vllm_metrics": config.vllm_metrics})
+    try:
+        text = rs.scrape()
+    finally:
+        stop_server(rs)
+    assert "vllm:" not in text
+    assert metric_value(text, "loraplex_engine_loop_alive", f'model_name="{rs.engine.model_name}"') == 1
