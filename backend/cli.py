@@ -4,6 +4,7 @@
     loraplex generate [--target HOST:PORT] [--adapter A] [--stream] [--chat] PROMPT
     loraplex adapters load NAME SOURCE | unload NAME | list
     loraplex info
+    loraplex tokenize [--chat] TEXT | detokenize ID... | abort REQUEST_ID | load | reset-prefix-cache
     loraplex gateway --backend HOST:PORT ...
 
 Only ``serve`` imports torch (lazily); the client commands use ``loraplex.clients``.
@@ -26,6 +27,7 @@ from loraplex import __version__
 from loraplex.backend.cli_args import (
     API_KEY_ENV,
     add_config_flags,
+    check_model_source,
     engine_config_from_args,
     resolve_api_key,
     server_config_from_args,
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the server's model, limits and features")
     _add_connection_flags(info)
     info.set_defaults(func=cmd_info)
+    _add_control(sub)
     sub.add_parser("gateway", help="run the OpenAI-compatible REST gateway (see `loraplex gateway --help`)",
                    add_help=False)
     return parser
@@ -106,6 +109,27 @@ def _add_adapters(sub: Any) -> None:
         p.set_defaults(func=cmd_adapters)
 
 
+def _add_control(sub: Any) -> None:
+    tok = sub.add_parser("tokenize", help="print the token ids of a text (or, with --chat, of one user message "
+                                          "rendered as generate renders it)")
+    tok.add_argument("prompt", help="the text; '-' reads it from stdin")
+    tok.add_argument("--chat", action="store_true", help="render it as one user chat message")
+    tok.add_argument("--system", help="with --chat: a system message before it")
+    tok.add_argument("--no-special-tokens", action="store_true", help="do not add special tokens (BOS)")
+    detok = sub.add_parser("detokenize", help="print the text of token ids")
+    detok.add_argument("token_ids", nargs="+", type=int, metavar="ID", help="token ids")
+    detok.add_argument("--keep-special-tokens", action="store_true", help="keep special tokens in the text")
+    abort = sub.add_parser("abort", help="abort a running request by its id")
+    abort.add_argument("request_id", help="the request's id")
+    load = sub.add_parser("load", help="print the server's load: running, waiting, KV usage, adapters")
+    reset = sub.add_parser("reset-prefix-cache", help="drop the cached prefixes no running request uses")
+    for p, func in ((tok, cmd_tokenize), (detok, cmd_detokenize), (abort, cmd_abort), (load, cmd_load),
+                    (reset, cmd_reset_prefix_cache)):
+        p.add_argument("--json", action="store_true", help="print JSON")
+        _add_connection_flags(p)
+        p.set_defaults(func=func)
+
+
 # ---- commands ------------------------------------------------------------------------------
 
 
@@ -113,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = engine_config_from_args(args)
     server_config = server_config_from_args(args)
+    check_model_source(engine_config.model.model, engine_config.model.revision)
     from loraplex.backend.server.app import run
 
     return run(engine_config, server_config)
@@ -198,6 +223,53 @@ def cmd_info(args: argparse.Namespace) -> int:
     with connect(args) as client:
         info = client.server_info(timeout=args.timeout)
     print(json_format.MessageToJson(info))
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    chat = None
+    if args.chat:
+        messages = [pb.ChatMessage(role="system", content=args.system)] if args.system else []
+        chat = pb.ChatInput(messages=[*messages, pb.ChatMessage(role="user", content=text)])
+    with connect(args) as client:
+        ids = client.tokenize(None if chat else text, chat=chat, add_special_tokens=not args.no_special_tokens,
+                              timeout=args.timeout)
+    print(json.dumps({"token_ids": ids, "count": len(ids)}) if args.json else " ".join(map(str, ids)))
+    return 0
+
+
+def cmd_detokenize(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        text = client.detokenize(args.token_ids, skip_special_tokens=not args.keep_special_tokens,
+                                 timeout=args.timeout)
+    print(json.dumps({"text": text}) if args.json else text)
+    return 0
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        aborted = client.abort(args.request_id, timeout=args.timeout)
+    print(json.dumps({"aborted": aborted}) if args.json else
+          (f"aborted {args.request_id}" if aborted else f"no running request {args.request_id!r}"))
+    return 0 if aborted else 1
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        load = client.get_load(timeout=args.timeout)
+    print(json_format.MessageToJson(load, always_print_fields_with_no_presence=True) if args.json else
+          f"running={load.running} waiting={load.waiting} kv_usage={load.kv_usage:.1%} "
+          f"({load.kv_blocks_used}/{load.kv_blocks_total} blocks) resident={','.join(load.resident_adapters) or '-'} "
+          f"loading={','.join(load.loading_adapters) or '-'} max_loras={load.max_loras}")
+    return 0
+
+
+def cmd_reset_prefix_cache(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        reset = client.reset_prefix_cache(timeout=args.timeout)
+    print(json.dumps({"reset": reset}) if args.json else
+          ("prefix cache reset" if reset else "prefix cache reset; blocks of running requests stay cached"))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,7 +25,7 @@ from loraplex.errors import ConfigError
 ENGINE_SECTIONS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                                     "lora": LoRAConfig}
 ALIASES = {"preload": ("--lora",)}
-METAVARS = {"preload": "NAME=SOURCE", "adapter_roots": "DIR"}
+METAVARS = {"preload": "NAME=SOURCE", "adapter_roots": "DIR", "hub_adapter_orgs": "ORG"}
 API_KEY_ENV = "LORAPLEX_API_KEY"
 
 
@@ -127,3 +128,41 @@ def resolve_api_key(key: str | None, key_file: str | None, environ: typing.Mappi
         return text.splitlines()[0].strip()
     env = os.environ if environ is None else environ
     return env.get(API_KEY_ENV) or None
+
+
+_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+HUB_PROBE_SECONDS = 1.5
+
+
+def check_model_source(model: str | None, revision: str | None = None) -> None:
+    """Fails fast, before any engine is built, when ``--model`` cannot be found.
+
+    A path-like value must be a directory; anything else must be a well-formed hub id that is in
+    the local cache or, unless HF_HUB_OFFLINE is set, answers on the hub within a second or two.
+    """
+    if model is None:
+        return
+    hint = "give a local model directory, a hub id (org/name), or leave --model out for the built-in demo model"
+    if model.startswith(("/", ".", "~")) or os.sep in model.strip("/").replace("/", "", 1) or Path(model).exists():
+        if not Path(model).expanduser().is_dir():
+            raise ConfigError(f"model={model!r}: no such directory; {hint}")
+        return
+    if not _HUB_MODEL_ID.match(model) or ".." in model:
+        raise ConfigError(f"model={model!r}: neither a local directory nor a valid hub id; {hint}")
+    _check_hub_model(model, revision, hint)
+
+
+def _check_hub_model(model: str, revision: str | None, hint: str) -> None:
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"model={model!r}: not in the local hub cache and HF_HUB_OFFLINE is set; download it "
+                          f"first (huggingface-cli download {model}) or {hint}")
+    try:
+        HfApi().model_info(model, revision=revision, timeout=HUB_PROBE_SECONDS)
+    except Exception as exc:  # unreachable, unknown repo, gated: all stop here with the reason
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ConfigError(f"model={model!r}: could not be found on the Hugging Face hub ({reason}); check the "
+                          f"id and the network, or {hint}") from None

@@ -1,14 +1,16 @@
-"""Engine throughput on a GPU: output tokens/s of the whole engine, base vs LoRA, at a fixed shape.
+"""Engine throughput on a GPU, every figure beside its byte floor measured in the same run.
 
-Random-weight Qwen3-0.6B-shaped model (no hub access), bf16, greedy, EOS ignored,
-B prompts of P tokens, G generated tokens each. Cases, all in one run:
-  base        enable_lora=False (decode in CUDA graphs)
-  base-eager  the same without CUDA graphs
-  lora-idle   LoRA enabled, every request on the base model
-  lora-1      every request on one rank-16 adapter (all 7 projections)
-  lora-N      N distinct rank-16 adapters mixed in one batch (max_loras=N)
-Prints one JSON line (and writes $OUT/engine_throughput.json when OUT is set).
-Usage: python bench/engine_throughput.py [--tiny]   (--tiny: a CPU smoke test)
+Random-weight models of real shapes (no hub access), bf16, greedy, EOS ignored, all requests
+submitted at once (one ``generate`` call). Cases:
+  decode1      Qwen3-0.6B shape, batch-1 decode (16-token prompt, 512 generated): ms/token
+  b32          Qwen3-0.6B shape, 32 x 128 in / 128 out; graphs and eager
+  graphs_vs_eager  batch 1, 8, 32, 128, 256 (128 in / 128 out), CUDA graphs vs eager
+  lora         LoRA enabled but idle, 1 adapter, N distinct adapters (rank 16, all 7 projections)
+  llama8b      Llama-3-8B shape, batch-1 decode
+Floor: weights + live K/V (+ distinct adapters' A/B) read once per decode step at the copy
+bandwidth measured in this run, plus prefill FLOPs at the measured matmul rate (bench/floors.py).
+Prints a table and one JSON line; writes bench/results/engine_throughput.json (and $OUT/ when set).
+Usage: python bench/engine_throughput.py [--tiny] [--cases decode1,b32,...] [--profile]
 """
 
 from __future__ import annotations
@@ -16,26 +18,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+
+sys.path.insert(0, str(Path(__file__).parent))
+import floors  # noqa: E402
 
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "llama8b")
 
 
-def write_model(root: Path, shape: dict, device: str, n_adapters: int) -> tuple[Path, list[Path]]:
+def write_model(root: Path, shape: dict, device: str, n_adapters: int, arch: str = "qwen3"
+                ) -> tuple[Path, list[Path]]:
+    """A random-weight model (and ``n_adapters`` random rank-16 PEFT adapters) saved under ``root``."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = Qwen3Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True,
-                      architectures=["Qwen3ForCausalLM"], eos_token_id=0)
+    if arch == "llama":
+        cfg = LlamaConfig(**shape, max_position_embeddings=8192, architectures=["LlamaForCausalLM"], eos_token_id=0)
+    else:
+        cfg = Qwen3Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True,
+                          architectures=["Qwen3ForCausalLM"], eos_token_id=0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(root / "model")
@@ -52,76 +66,170 @@ def write_model(root: Path, shape: dict, device: str, n_adapters: int) -> tuple[
         adapters.append(root / f"a{i}")
         model = peft_model.unload()
     del model
-    torch.cuda.empty_cache() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return root / "model", adapters
 
 
-def measure(model_dir: Path, adapters: list[Path], names: list[str | None], args, **engine) -> dict:
-    from loraplex import LLM, SamplingParams
+class Run:
+    """One engine configuration measured on one workload."""
 
-    llm = LLM(str(model_dir), dtype="bfloat16", max_num_seqs=args.batch, max_lora_rank=16,
-              max_num_batched_tokens=max(2048, args.batch * args.prompt), **engine)
-    for i, path in enumerate(adapters):
-        llm.load_adapter(f"a{i}", str(path))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 500, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
-    params = [SamplingParams(temperature=0.0, max_tokens=args.gen, min_tokens=args.gen, ignore_eos=True)] * args.batch
-    llm.generate(prompts[:4], params[:4], adapters=names[:4])  # warm-up
-    sync()
-    t = time.perf_counter()
-    if args.profile:
-        import cProfile
-        import pstats
+    def __init__(self, model_dir: Path, shape: dict, ceilings: tuple[float, float], **engine):
+        from loraplex import LLM
 
-        prof = cProfile.Profile()
-        outs = prof.runcall(llm.generate, prompts, params, adapters=names)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    else:
-        outs = llm.generate(prompts, params, adapters=names)
-    sync()
-    dt = time.perf_counter() - t
-    assert all(len(o.token_ids) == args.gen for o in outs)
-    result = {"tok_s": round(args.batch * args.gen / dt, 1), "seconds": round(dt, 3)}
-    del llm
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return result
+        self.shape, self.bw, self.flops = shape, *ceilings
+        self.llm = LLM(str(model_dir), dtype="bfloat16", max_lora_rank=16, **engine)
 
+    def measure(self, batch: int, prompt: int, gen: int, names: list[str | None] | None = None,
+                profile: bool = False) -> dict:
+        from loraplex import SamplingParams
 
-def sync() -> None:
-    if torch.cuda.is_available():
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(1, 500, (prompt,), generator=g).tolist() for _ in range(batch)]
+        params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True)
+        names = names or [None] * batch
+        self.llm.generate(prompts[:min(batch, 4)], params, adapters=names[:min(batch, 4)])  # warm-up
         torch.cuda.synchronize()
+        t = time.perf_counter()
+        outs = self.llm.generate(prompts, params, adapters=names)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        assert all(len(o.token_ids) == gen for o in outs)
+        distinct = len({n for n in names if n is not None})
+        adapter_bytes = distinct * floors.lora_bytes(self.shape, 16)
+        floor = floors.floor_seconds(self.shape, [prompt] * batch, [gen] * batch, self.bw, self.flops, adapter_bytes)
+        res = {"batch": batch, "prompt": prompt, "gen": gen, "tok_s": round(batch * gen / dt, 1),
+               "ms_per_step": round(1000 * dt / gen, 3), "floor_ms_per_step": round(1000 * floor / gen, 3),
+               "pct_of_floor": round(100 * floor / dt, 1), "seconds": round(dt, 3)}
+        if profile:
+            res["profile"] = profile_steps(self.llm, prompts, params, names)
+        return res
+
+    def graph_info(self) -> dict:
+        graphs = self.llm.engine.runner.graphs
+        if graphs is None:
+            return {}
+        return {"graphs": len(graphs.graphs), "capture_s": round(graphs.capture_seconds, 2),
+                "graph_MiB": round(graphs.graph_memory_bytes / 2**20, 1)}
+
+    def close(self) -> None:
+        del self.llm
+        torch.cuda.empty_cache()
+
+
+def profile_steps(llm, prompts, params, names) -> dict:
+    """Host time per step (schedule, runner, output processing) and GPU busy time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    timers = {"schedule": 0.0, "execute": 0.0, "process": 0.0}
+    originals = {}
+    for name, obj, attr in (("schedule", engine.scheduler, "schedule"), ("execute", engine.runner, "execute"),
+                            ("process", engine, "_process")):
+        fn = getattr(obj, attr)
+        originals[(obj, attr)] = fn
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                timers[_name] += time.perf_counter() - t
+        setattr(obj, attr, timed)
+    steps0 = engine.stats.num_steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        llm.generate(prompts, params, adapters=names)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    for obj, attr in originals:
+        vars(obj).pop(attr, None)  # the class's own method again
+    steps = max(1, engine.stats.num_steps - steps0)
+    gpu = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3  # ms
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=18)
+    print(table)
+    return {"steps": steps, "wall_ms_per_step": round(1000 * wall / steps, 3),
+            "gpu_busy_ms_per_step": round(gpu / steps, 3),
+            **{f"{k}_ms_per_step": round(1000 * v / steps, 3) for k, v in timers.items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--tiny", action="store_true", help="a CPU smoke test of the script itself")
+    ap.add_argument("--cases", default=",".join(ALL_CASES))
     ap.add_argument("--adapters", type=int, default=32)
-    ap.add_argument("--profile", action="store_true", help="print a cProfile of the base case only")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler + host timers on the b32 case")
     args = ap.parse_args()
+    cases = args.cases.split(",")
     if args.tiny:
-        args.batch, args.prompt, args.gen, args.adapters = 4, 8, 4, 2
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = args.adapters
+        return smoke()
+    bw, flops = floors.copy_bandwidth(), floors.matmul_flops()
+    res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                 "date": time.strftime("%Y-%m-%d"), "copy_GBps": round(bw / 1e9), "matmul_TFLOPs": round(flops / 1e12)}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, adapters = write_model(Path(tmp), TINY if args.tiny else QWEN3_06B, device, n)
-        base = [None] * args.batch
-        res = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-               "torch": torch.__version__, "batch": args.batch, "prompt": args.prompt, "gen": args.gen,
-               "date": time.strftime("%Y-%m-%d")}
-        res["base"] = measure(model_dir, [], base, args, enable_lora=False)
-        if args.profile:
-            print(json.dumps(res))
-            return
-        res["base_eager"] = measure(model_dir, [], base, args, enable_lora=False, enforce_eager=True)
-        res["lora_idle"] = measure(model_dir, adapters[:1], base, args, max_loras=1)
-        res["lora_1"] = measure(model_dir, adapters[:1], ["a0"] * args.batch, args, max_loras=1)
-        res[f"lora_{n}"] = measure(model_dir, adapters, [f"a{i % n}" for i in range(args.batch)], args, max_loras=n)
-    print(json.dumps(res))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "engine_throughput.json").write_text(json.dumps(res, indent=1))
+        qwen, adapters = write_model(Path(tmp) / "qwen", QWEN3_06B, "cuda", args.adapters if "lora" in cases else 0)
+        run_qwen_cases(res, qwen, adapters, cases, (bw, flops), args)
+        if "llama8b" in cases:
+            llama, _ = write_model(Path(tmp) / "llama", LLAMA3_8B, "cuda", 0, arch="llama")
+            run = Run(llama, LLAMA3_8B, (bw, flops), max_num_seqs=1, enable_lora=False, max_model_len=2048)
+            res["llama8b_decode1"] = run.measure(1, 16, 256)
+            run.close()
+    report(res)
+
+
+def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str], ceilings, args) -> None:
+    s = QWEN3_06B
+    if "decode1" in cases:
+        for eager in (False, True):
+            run = Run(model, s, ceilings, max_num_seqs=1, enable_lora=False, enforce_eager=eager, max_model_len=2048)
+            res["decode1" + ("_eager" if eager else "")] = {**run.measure(1, 16, 512), **run.graph_info()}
+            run.close()
+    if "b32" in cases:
+        run = Run(model, s, ceilings, max_num_seqs=32, enable_lora=False, max_model_len=2048)
+        res["b32"] = {**run.measure(32, 128, 128, profile=args.profile), **run.graph_info()}
+        run.close()
+    if "graphs_vs_eager" in cases:
+        for batch in (1, 8, 32, 128, 256):
+            for eager in (False, True):
+                run = Run(model, s, ceilings, max_num_seqs=batch, enable_lora=False, enforce_eager=eager,
+                          max_model_len=1024, max_num_batched_tokens=max(2048, batch * 128))
+                res[f"b{batch}_{'eager' if eager else 'graphs'}"] = run.measure(batch, 128, 128)
+                run.close()
+    if "lora" in cases:
+        n = len(adapters)
+        for key, names, loaded, max_loras in (("lora_idle", [None] * 32, 1, 1), ("lora_1", ["a0"] * 32, 1, 1),
+                                              (f"lora_{n}", [f"a{i % n}" for i in range(32)], n, n)):
+            run = Run(model, s, ceilings, max_num_seqs=32, max_loras=max_loras, max_model_len=2048)
+            for i, path in enumerate(adapters[:loaded]):
+                run.llm.load_adapter(f"a{i}", str(path))
+            res[key] = run.measure(32, 128, 128, names=names)
+            run.close()
+
+
+def report(res: dict) -> None:
+    print(f"{'case':<22} {'tok/s':>10} {'ms/step':>9} {'floor ms':>9} {'% floor':>8}")
+    for key, v in res.items():
+        if isinstance(v, dict) and "tok_s" in v:
+            print(f"{key:<22} {v['tok_s']:>10} {v['ms_per_step']:>9} {v['floor_ms_per_step']:>9} {v['pct_of_floor']:>8}")
+    line = json.dumps(res)
+    print(line)
+    for folder in filter(None, (os.environ.get("OUT"), str(Path(__file__).parent / "results"))):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, "engine_throughput.json").write_text(json.dumps(res, indent=1))
+
+
+def smoke() -> None:
+    """CPU: the script's model writing and engine path on a tiny model (no figures)."""
+    from loraplex import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, adapters = write_model(Path(tmp), TINY, "cpu", 1)
+        llm = LLM(str(model), max_num_seqs=4, max_lora_rank=16)
+        llm.load_adapter("a0", str(adapters[0]))
+        outs = llm.generate([[1, 2, 3]] * 4, SamplingParams(temperature=0, max_tokens=4, min_tokens=4,
+                                                            ignore_eos=True), adapters=[None, "a0", None, "a0"])
+        assert all(len(o.token_ids) == 4 for o in outs)
+        print("smoke ok")
 
 
 if __name__ == "__main__":

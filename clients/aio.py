@@ -10,7 +10,7 @@ Leaving a ``generate_stream`` loop early cancels the call, and the server aborts
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,7 +23,9 @@ from loraplex.clients.common import (
     Metadata,
     call_metadata,
     channel_credentials,
+    detokenize_request,
     load_request,
+    tokenize_request,
 )
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.clients.v1 import inference_pb2_grpc as pb_grpc
@@ -86,6 +88,34 @@ class AsyncClient:
                           metadata: Metadata | None = None) -> pb.GetServerInfoResponse:
         return await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout,
                                              metadata=call_metadata(self._token, metadata))
+
+    async def tokenize(self, prompt: str | None = None, *, chat: pb.ChatInput | None = None,
+                 add_special_tokens: bool | None = None, timeout: float | None = None,
+                 metadata: Metadata | None = None) -> list[int]:
+        """Token ids of ``prompt`` or of ``chat`` rendered as Generate renders it."""
+        response = await self.stub.Tokenize(tokenize_request(prompt, chat, add_special_tokens), timeout=timeout,
+                                      metadata=call_metadata(self._token, metadata))
+        return list(response.token_ids)
+
+    async def detokenize(self, token_ids: Iterable[int], *, skip_special_tokens: bool | None = None,
+                   timeout: float | None = None, metadata: Metadata | None = None) -> str:
+        response = await self.stub.Detokenize(detokenize_request(token_ids, skip_special_tokens), timeout=timeout,
+                                        metadata=call_metadata(self._token, metadata))
+        return str(response.text)
+
+    async def abort(self, request_id: str, *, timeout: float | None = None, metadata: Metadata | None = None) -> bool:
+        """Aborts a running request by id (from any connection); False when none was running."""
+        response = await self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout,
+                                   metadata=call_metadata(self._token, metadata))
+        return bool(response.aborted)
+
+    async def get_load(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> pb.GetLoadResponse:
+        return await self.stub.GetLoad(pb.GetLoadRequest(), timeout=timeout, metadata=call_metadata(self._token, metadata))
+
+    async def reset_prefix_cache(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> bool:
+        response = await self.stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=timeout,
+                                              metadata=call_metadata(self._token, metadata))
+        return bool(response.reset)
 
     async def health(self, service: str = HEALTH_SERVICE, *, timeout: float | None = 5.0) -> bool:
         """True when the server's health service says SERVING; RPC errors propagate."""

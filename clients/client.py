@@ -10,7 +10,7 @@ Leaving a ``generate_stream`` loop early (or closing the iterator) cancels the c
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,8 +23,10 @@ from loraplex.clients.common import (
     Metadata,
     call_metadata,
     channel_credentials,
+    detokenize_request,
     fold,
     load_request,
+    tokenize_request,
 )
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.clients.v1 import inference_pb2_grpc as pb_grpc
@@ -83,6 +85,34 @@ class Client:
                     metadata: Metadata | None = None) -> pb.GetServerInfoResponse:
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout,
                                        metadata=call_metadata(self._token, metadata))
+
+    def tokenize(self, prompt: str | None = None, *, chat: pb.ChatInput | None = None,
+                 add_special_tokens: bool | None = None, timeout: float | None = None,
+                 metadata: Metadata | None = None) -> list[int]:
+        """Token ids of ``prompt`` or of ``chat`` rendered as Generate renders it."""
+        response = self.stub.Tokenize(tokenize_request(prompt, chat, add_special_tokens), timeout=timeout,
+                                      metadata=call_metadata(self._token, metadata))
+        return list(response.token_ids)
+
+    def detokenize(self, token_ids: Iterable[int], *, skip_special_tokens: bool | None = None,
+                   timeout: float | None = None, metadata: Metadata | None = None) -> str:
+        response = self.stub.Detokenize(detokenize_request(token_ids, skip_special_tokens), timeout=timeout,
+                                        metadata=call_metadata(self._token, metadata))
+        return str(response.text)
+
+    def abort(self, request_id: str, *, timeout: float | None = None, metadata: Metadata | None = None) -> bool:
+        """Aborts a running request by id (from any connection); False when none was running."""
+        response = self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout,
+                                   metadata=call_metadata(self._token, metadata))
+        return bool(response.aborted)
+
+    def get_load(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> pb.GetLoadResponse:
+        return self.stub.GetLoad(pb.GetLoadRequest(), timeout=timeout, metadata=call_metadata(self._token, metadata))
+
+    def reset_prefix_cache(self, *, timeout: float | None = None, metadata: Metadata | None = None) -> bool:
+        response = self.stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=timeout,
+                                              metadata=call_metadata(self._token, metadata))
+        return bool(response.reset)
 
     def health(self, service: str = HEALTH_SERVICE, *, timeout: float | None = 5.0) -> bool:
         """True when the server's health service says SERVING; RPC errors propagate."""

@@ -74,3 +74,21 @@ def channel_credentials(root_certificates: bytes | None, private_key: bytes | No
 
 def load_request(name: str, source: str, revision: str, replace: bool, pin: bool) -> pb.LoadAdapterRequest:
     return pb.LoadAdapterRequest(name=name, source=source, revision=revision, replace=replace, pin=pin)
+
+
+def tokenize_request(prompt: str | None, chat: pb.ChatInput | None,
+                     add_special_tokens: bool | None) -> pb.TokenizeRequest:
+    """A Tokenize request of text or a chat input (exactly one)."""
+    if (prompt is None) == (chat is None):
+        raise ValueError("give exactly one of prompt or chat")
+    req = pb.TokenizeRequest(prompt=prompt) if prompt is not None else pb.TokenizeRequest(chat=chat)
+    if add_special_tokens is not None:
+        req.add_special_tokens = add_special_tokens
+    return req
+
+
+def detokenize_request(token_ids: Iterable[int], skip_special_tokens: bool | None) -> pb.DetokenizeRequest:
+    req = pb.DetokenizeRequest(token_ids=list(token_ids))
+    if skip_special_tokens is not None:
+        req.skip_special_tokens = skip_special_tokens
+    return req

@@ -25,8 +25,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_lens: torch.Tensor, query_index: torch.Tensor, max_query_len: int,
-                    scale: float, sliding_window: int | None = None, mask: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+                    scale: float, sliding_window: int | None = None, mask: torch.Tensor | None = None, *,
+                    backend: str = "auto", query_start_loc: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its paged context.
 
     out[t] = softmax(q[t] @ K_b[:pos_t+1].T * scale) @ V_b[:pos_t+1]   for token t of sequence b,
@@ -42,6 +42,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_heads = q.shape[1]
     groups = num_heads // num_kv_heads
     max_kv = max_blocks * block_size
+    block_tables = block_tables.long()
     keys = k_cache[block_tables].view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
     values = v_cache[block_tables].view(num_seqs, max_kv, num_kv_heads, head_dim).transpose(1, 2)
     q_pad = q.new_zeros(num_seqs * max_query_len, num_heads, head_dim)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,7 @@ def load_peft_adapter(name: str, source: str, base: BaseModelSpec, cfg: LoRAConf
     config = read_adapter_config(name, where)
     check_config(name, config, base, cfg)
     weights_path = find_weights_file(name, where, cfg)
-    meta, fetch = open_weights(name, weights_path)
+    meta, fetch = open_weights(name, weights_path, cfg.allow_pickle)
     plan = plan_weights(name, meta, config, base, cfg.max_lora_rank)
     check_targets(name, config, plan, base)
     tensors = read_tensors(name, plan, fetch)
@@ -235,12 +236,32 @@ def find_weights_file(name: str, where: Resolved, cfg: LoRAConfig) -> Path:
 Fetch = Callable[[str], torch.Tensor]
 
 
-def open_weights(name: str, path: Path) -> tuple[Meta, Fetch]:
+def open_weights(name: str, path: Path, allow_pickle: bool = False) -> tuple[Meta, Fetch]:
     """``(key -> (shape, dtype code), reader of one tensor)`` of a weights file; reads no tensor data
-    for safetensors (the header only)."""
-    if path.suffix == ".safetensors":
+    for safetensors (the header only). What the file is comes from its content, never its name:
+    anything without a safetensors header is refused unless ``allow_pickle``."""
+    if is_safetensors(path):
         return _open_safetensors(name, path)
+    if not allow_pickle:
+        raise AdapterLoadError(name, f"weights file {path.name} is not a safetensors file and pickle weights are "
+                                     f"refused: convert it to {SAFETENSORS_FILE} or start the server with "
+                                     "allow_pickle")
     return _open_pickle(name, path)
+
+
+def is_safetensors(path: Path) -> bool:
+    """True when the file starts with a safetensors header: an 8-byte little-endian length, then a
+    JSON object of that many bytes that fits in the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 8 + length <= size
 
 
 def _corrupt(name: str, path: Path, e: Exception) -> AdapterLoadError:
@@ -308,6 +329,22 @@ def warn_base_mismatch(name: str, config: dict[str, Any], base: BaseModelSpec) -
 
 def _model_id(name: str) -> str:
     return name.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def check_magnitudes(w: LoRAWeights, dtype: torch.dtype) -> None:
+    """Refuses an adapter whose update can overflow ``dtype`` (the serving dtype).
+
+    Bound of one output of a module: ``in_features * scale * r * max|A| * max|B|`` for inputs of
+    magnitude <= 1; past ``finfo(dtype).max`` the layer emits inf and the text turns to garbage.
+    """
+    limit = float(torch.finfo(dtype).max)
+    if not abs(w.scale) < limit:
+        raise AdapterLoadError(w.name, f"scale alpha/r = {w.scale:g} overflows the serving dtype {dtype}")
+    for (layer, module), (a, b) in w.weights.items():
+        bound = a.shape[1] * abs(w.scale) * a.shape[0] * float(a.abs().max()) * float(b.abs().max())
+        if not bound < limit:
+            raise AdapterLoadError(w.name, f"layer {layer} {module}: weights times scale ({bound:.3g} at most per "
+                                           f"output) overflow the serving dtype {dtype} (max {limit:.3g})")
 
 
 def module_scale(alpha: float, rank: int, use_rslora: bool) -> float:

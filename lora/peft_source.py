@@ -1,10 +1,13 @@
-"""Where an adapter's files come from: a confined local directory or a Hugging Face hub snapshot.
+"""Where an adapter's files come from: a confined local directory or an allowed Hugging Face hub snapshot.
 
-Local paths, when ``LoRAConfig.adapter_roots`` is non-empty, must resolve (``os.path.realpath``:
-symlinks followed, ``..`` collapsed) inside one of the roots, and so must every file read from
-the directory (a symlinked weights file pointing outside is refused). URL-encoded forms and NUL
-bytes are refused outright; relative paths resolve against the working directory. A source that is not an existing local path and looks like
-``org/name`` is a hub id, downloaded with ``snapshot_download`` (only the adapter files).
+Safe by default for a network service. A local source must resolve (``os.path.realpath``: symlinks
+followed, ``..`` collapsed) inside one of ``LoRAConfig.adapter_roots`` (the registry adds
+``adapter_dir`` and the built-in demo adapters), and so must every file read from it. With no
+roots, no local path is allowed. Whether a path is outside the roots or missing gets the same
+error, so the answer says nothing about the rest of the disk. A source of the form ``org/name``
+that is no directory inside the roots is a hub id, downloaded with ``snapshot_download`` (only
+the adapter files) when ``allow_hub_adapters`` is on and, if ``hub_adapter_orgs`` is set, its
+organisation is listed. URL-encoded forms, schemes and NUL bytes are refused outright.
 """
 
 from __future__ import annotations
@@ -46,16 +49,26 @@ class Resolved:
 def resolve(name: str, source: str, revision: str | None, cfg: LoRAConfig) -> Resolved:
     """Resolves ``source`` for adapter ``name``; see the module docstring for the rules."""
     _check_text(name, source)
-    if not os.path.lexists(source) and _HUB_ID.match(source) and ".." not in source:
-        return Resolved(name, _download(name, source, revision, cfg), source)
     roots = tuple(os.path.realpath(r) for r in cfg.adapter_roots)
     real = os.path.realpath(source)
-    if roots and not _inside(real, roots):
-        raise AdapterSourceForbiddenError(name, f"source '{source}' resolves outside the allowed adapter roots")
-    if not os.path.isdir(real):
-        raise AdapterLoadError(name, f"source '{source}' is not an adapter directory (no such local directory, "
-                                     "and not a hub id of the form org/name)")
-    return Resolved(name, Path(real), source, roots)
+    if roots and _inside(real, roots) and os.path.isdir(real):
+        return Resolved(name, Path(real), source, roots)
+    if _HUB_ID.match(source) and ".." not in source.split("/"):
+        _check_hub_allowed(name, source, cfg)
+        return Resolved(name, _download(name, source, revision, cfg), source)
+    raise AdapterSourceForbiddenError(name, f"source '{source}' is not an adapter directory inside the allowed "
+                                            "adapter roots")
+
+
+def _check_hub_allowed(name: str, repo_id: str, cfg: LoRAConfig) -> None:
+    if not cfg.allow_hub_adapters:
+        raise AdapterSourceForbiddenError(name, f"source '{repo_id}' is not an adapter directory inside the "
+                                                "allowed adapter roots, and hub adapters are off on this server "
+                                                "(allow_hub_adapters)")
+    org = repo_id.split("/", 1)[0]
+    if cfg.hub_adapter_orgs and org not in cfg.hub_adapter_orgs:
+        raise AdapterSourceForbiddenError(name, f"hub organisation '{org}' is not in the allowed list "
+                                                "(hub_adapter_orgs)")
 
 
 def _check_text(name: str, source: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import os
 import re
 import threading
 import time
@@ -35,13 +36,24 @@ from loraplex.errors import (
     AdapterNotFoundError,
     NoAdapterSlotError,
 )
-from loraplex.lora.peft import BaseModelSpec, LoRAWeights, load_peft_adapter
+from loraplex.lora.peft import BaseModelSpec, LoRAWeights, check_magnitudes, load_peft_adapter
 from loraplex.lora.slots import LoRASlots
 from loraplex.lora.types import AdapterInfo, AdapterState
 
 Loader = Callable[[str, str, BaseModelSpec, LoRAConfig, str | None], LoRAWeights]
 _DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_BAD_NAME = re.compile(r"[\s\x00-\x1f\x7f]")
+_NAME = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")  # the proto's rule for adapter names
+NAME_RULE = "letters, digits, '-', '_', '.', '/' (1-128 characters, no empty, '.' or '..' segments)"
+
+
+def check_adapter_name(name: object, base_model_name: str) -> str:
+    """``name`` when it follows the proto's rule and is not the base model's name; else AdapterLoadError."""
+    if not isinstance(name, str) or not _NAME.match(name) or \
+            any(part in ("", ".", "..") for part in name.split("/")):
+        raise AdapterLoadError(repr(name)[:64], f"adapter names use {NAME_RULE}")
+    if name.lower() == base_model_name.lower():
+        raise AdapterLoadError(name, "an adapter may not be named like the base model")
+    return name
 
 
 @dataclass(eq=False)
@@ -57,6 +69,7 @@ class AdapterVersion:
     alpha: float
     target_modules: tuple[str, ...]
     fingerprint: str  # identity of the files read; checked on reload from source
+    trusted: bool  # its source came from the operator (demo, preload): not confined to the roots
     weights: LoRAWeights | None = None  # None: evicted from host memory
     refcount: int = 0  # running requests holding this version
     unloaded: bool = False  # retired: no longer the current version of its name
@@ -95,8 +108,12 @@ class _NameLock:
 class AdapterRegistry:
     """Named adapters, their versions and tiers; see the module docstring."""
 
-    def __init__(self, cfg: LoRAConfig, base: BaseModelSpec, slots: LoRASlots, loader: Loader = load_peft_adapter):
+    def __init__(self, cfg: LoRAConfig, base: BaseModelSpec, slots: LoRASlots, loader: Loader = load_peft_adapter,
+                 builtin_roots: tuple[str, ...] = ()):
         self.cfg, self.base, self.slots, self._loader = cfg, base, slots, loader
+        # what requests may load: the configured roots, adapter_dir and the built-in adapters
+        roots = [*cfg.adapter_roots, *([cfg.adapter_dir] if cfg.adapter_dir else []), *builtin_roots]
+        self._confined = dataclasses.replace(cfg, adapter_roots=roots)
         self._lock = threading.RLock()
         self._name_locks: dict[str, _NameLock] = {}
         self._current: dict[str, AdapterVersion] = {}
@@ -107,21 +124,21 @@ class AdapterRegistry:
         self._slot_of: dict[AdapterVersion, int] = {}
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, oldest use first
         self._stats = RegistryCounts(lora_slots_total=slots.max_loras)
+        self._loading: dict[str, int] = {}  # names whose files are being read now -> readers
 
     # -- names ---------------------------------------------------------------------------------
 
     def register(self, name: str, source: str, revision: str | None = None, replace: bool = False,
-                 pinned: bool = False) -> AdapterInfo:
+                 pinned: bool = False, trusted: bool = False) -> AdapterInfo:
         """Reads and validates the adapter, then makes it the current version of ``name``.
 
-        Raises ``AdapterExistsError`` (name taken and not ``replace``) or ``AdapterLoadError``;
-        on any error the registry is unchanged.
+        ``trusted``: the operator gave the source (demo adapters, preload), so it need not lie in
+        the roots and may be a hub id. Raises ``AdapterExistsError`` (name taken and not
+        ``replace``) or ``AdapterLoadError``; on any error the registry is unchanged.
         """
-        if not isinstance(name, str) or not name or len(name) > 256 or _BAD_NAME.search(name):
-            raise AdapterLoadError(str(name)[:64], "adapter name must be 1-256 characters without spaces or "
-                                                   "control characters")
+        check_adapter_name(name, self.base.model_name)
         with self._name_lock(name):
-            version = self._register_locked(name, source, revision, replace, pinned, self.cfg)
+            version = self._register_locked(name, source, revision, replace, pinned, trusted)
         with self._lock:
             return self._info(version)
 
@@ -213,6 +230,16 @@ class AdapterRegistry:
         with self._lock:
             return [self._info(v) for _name, v in sorted(self._current.items())]
 
+    def resident_names(self) -> builtins.list[str]:
+        """Names with a version in a GPU slot (retired versions still running included), sorted."""
+        with self._lock:
+            return sorted({v.name for v in self._slot_of})
+
+    def loading_names(self) -> builtins.list[str]:
+        """Names whose files are being read right now (load, first use, reload), sorted."""
+        with self._lock:
+            return sorted(self._loading)
+
     def counts(self) -> RegistryCounts:
         """A snapshot of the gauges and counters."""
         with self._lock:
@@ -265,7 +292,7 @@ class AdapterRegistry:
                     del self._name_locks[name]
 
     def _register_locked(self, name: str, source: str, revision: str | None, replace: bool, pinned: bool,
-                         cfg: LoRAConfig, hold: bool = False) -> AdapterVersion:
+                         trusted: bool, hold: bool = False) -> AdapterVersion:
         """Loads (without the main lock) and installs a new version, acquired once if ``hold``.
 
         The name lock must be held.
@@ -273,12 +300,12 @@ class AdapterRegistry:
         with self._lock:
             if name in self._current and not replace:
                 raise AdapterExistsError(name)
-        weights = self._read(name, source, revision, cfg)
+        weights = self._read(name, source, revision, self._cfg_for(source, trusted))
         with self._lock:
             number = self._last_version.get(name, 0) + 1
             self._last_version[name] = number
             version = AdapterVersion(name, number, source, revision, pinned, weights.rank, weights.alpha,
-                                     tuple(sorted(weights.target_modules)), weights.fingerprint, weights,
+                                     tuple(sorted(weights.target_modules)), weights.fingerprint, trusted, weights,
                                      refcount=int(hold))
             old = self._current.get(name)
             self._current[name] = version
@@ -290,7 +317,16 @@ class AdapterRegistry:
 
     def _read(self, name: str, source: str, revision: str | None, cfg: LoRAConfig) -> LoRAWeights:
         start = time.perf_counter()
-        weights = self._loader(name, source, self.base, cfg, revision)
+        with self._lock:
+            self._loading[name] = self._loading.get(name, 0) + 1
+        try:
+            weights = self._loader(name, source, self.base, cfg, revision)
+            check_magnitudes(weights, self.slots.dtype)
+        finally:
+            with self._lock:
+                self._loading[name] -= 1
+                if not self._loading[name]:
+                    del self._loading[name]
         with self._lock:
             self._stats.source_loads += 1
             self._stats.source_load_seconds += time.perf_counter() - start
@@ -305,7 +341,7 @@ class AdapterRegistry:
             with self._lock:
                 version = self._current.get(name)
             if version is None:
-                return self._register_locked(name, str(Path(root) / name), None, False, False, self._dir_cfg(),
+                return self._register_locked(name, str(Path(root) / name), None, False, False, False,
                                              hold=True)
             with self._lock:  # registered meanwhile by another thread
                 version.refcount += 1
@@ -316,7 +352,8 @@ class AdapterRegistry:
         with self._name_lock(version.name):
             if version.weights is not None:
                 return
-            weights = self._read(version.name, version.source, version.revision, self._dir_cfg())
+            weights = self._read(version.name, version.source, version.revision,
+                                 self._cfg_for(version.source, version.trusted))
             if weights.fingerprint != version.fingerprint:
                 raise AdapterLoadError(version.name, f"the files at '{version.source}' changed since version "
                                                      f"{version.version} was loaded; load the adapter again")
@@ -325,11 +362,12 @@ class AdapterRegistry:
                 self._touch(version)
                 self._trim_cpu()
 
-    def _dir_cfg(self) -> LoRAConfig:
-        """The config with ``adapter_dir`` added to non-empty ``adapter_roots``: it is trusted by the operator."""
-        if self.cfg.adapter_dir and self.cfg.adapter_roots:
-            return dataclasses.replace(self.cfg, adapter_roots=[*self.cfg.adapter_roots, self.cfg.adapter_dir])
-        return self.cfg
+    def _cfg_for(self, source: str, trusted: bool) -> LoRAConfig:
+        """The confined config, or for an operator-given source one that allows it (its directory, the hub)."""
+        if not trusted:
+            return self._confined
+        roots = [*self._confined.adapter_roots, os.path.realpath(source)]
+        return dataclasses.replace(self._confined, adapter_roots=roots, allow_hub_adapters=True, hub_adapter_orgs=[])
 
     def _touch(self, version: AdapterVersion) -> None:
         if version.weights is not None:

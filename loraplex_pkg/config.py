@@ -80,8 +80,12 @@ class LoRAConfig(_Validated):
     max_loras: int = opt(8, "GPU adapter slots: most distinct adapters in one step", lo=1, hi=1024)
     max_lora_rank: int = opt(64, "largest adapter rank accepted (slots are padded to it)", lo=1, hi=1024)
     max_cpu_loras: int = opt(64, "adapters kept in host memory (LRU)", lo=1)
-    adapter_roots: list[str] = opt(list, "directories local adapter paths must resolve inside; empty = any",
+    adapter_roots: list[str] = opt(list, "directories local adapter sources must resolve inside, besides "
+                                         "adapter_dir and the built-in demo adapters; empty = only those",
                                    factory=True)
+    allow_hub_adapters: bool = opt(False, "allow adapter sources that are Hugging Face hub ids (org/name)")
+    hub_adapter_orgs: list[str] = opt(list, "with allow_hub_adapters: the only hub organisations allowed; "
+                                            "empty = any", factory=True)
     adapter_dir: str | None = opt(None, "directory whose sub-directories load on first use by name")
     allow_pickle: bool = opt(False, "accept pickle adapter weights (.bin/.pt); unsafe")
     max_adapter_bytes: int = opt(2 * 2**30, "largest adapter weights file accepted, in bytes", lo=1)

@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run (for the lent H100): GPU-marked tests,
-# the CPU engine/LoRA tests re-run on CUDA (float32, Triton LoRA kernels), the kernel
-# benchmark, the engine throughput benchmark and the HF+PEFT baseline beside it.
-# Results go to $OUT (or .out/). Usage: bash scripts/gpu_suite.sh [tests|bench|all]
+# Everything that needs a GPU, in few calls (for the lent H200): GPU-marked tests, the CPU
+# engine/LoRA parity tests re-run on CUDA, the kernel and engine benchmarks with their floors,
+# the nano-vllm workload, the HF+PEFT baseline and the served-path benchmark.
+# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|all]
+# Missing Python packages travel as wheels in .whl/ (see README "GPU"); ../shared/bench in .gpu_carry/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-.out}; mkdir -p "$OUT"; export OUT PYTHONUNBUFFERED=1
+OUT=${OUT:-.out}; mkdir -p "$OUT" bench/results; export OUT PYTHONUNBUFFERED=1
 what=${1:-all}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
 # Import loraplex from this tree without installing (the device machine has no package index).
-pkg=$(mktemp -d); mkdir -p "$pkg/loraplex"; cp loraplex_pkg/__init__.py "$pkg/loraplex/"
+pkg=$(mktemp -d); mkdir -p "$pkg/loraplex"; cp loraplex_pkg/*.py "$pkg/loraplex/"
 for d in backend lora kernels gateway clients; do ln -s "$PWD/$d" "$pkg/loraplex/$d"; done
 export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$pkg/bin"; printf '#!/bin/sh\nexec python3 -m loraplex.backend.cli "$@"\n' > "$pkg/bin/loraplex"
+chmod +x "$pkg/bin/loraplex"; export PATH="$pkg/bin:$PATH"
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -${TAIL:-12}; }
 if [[ $what == tests || $what == all ]]; then
-  kernels=${KERNELS:-tests/kernels}  # KERNELS= skips the kernel tests
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu $kernels tests/engine 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -15
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/engine/test_engine_vs_hf.py \
-    tests/lora/test_mixed_batches.py tests/lora/test_hotswap.py 2>&1 | tee "$OUT/cuda_engine_tests.log" | tail -15
+  step gpu_tests 300 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" -m gpu ${KERNELS-tests/kernels} tests/engine
+  step cuda_engine_tests 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/engine/test_engine_vs_hf.py \
+    tests/lora/test_mixed_batches.py tests/lora/test_hotswap.py ${EXTRA_TESTS:-}
 fi
 if [[ $what == bench || $what == all ]]; then
-  [[ -z ${SKIP_KERNEL_BENCH:-} ]] && timeout 400 python3 bench/lora_kernels.py 2>&1 | tee "$OUT/lora_kernels.log" | tail -22
-  timeout 300 python3 bench/engine_throughput.py 2>&1 | tail -1 | tee "$OUT/engine.log"
-  if [[ -f .gpu_carry/hf_peft_baseline.py ]]; then  # ../shared/bench/hf_peft_baseline.py, carried
-    B=32 N=32 timeout 300 python3 .gpu_carry/hf_peft_baseline.py 2>&1 | tail -1 | tee "$OUT/hf_peft.log"
+  [[ -n ${KERNEL_BENCH:-} ]] && step attention_kernels 200 python3 bench/attention_kernels.py
+  TAIL=20 step engine 420 python3 bench/engine_throughput.py ${CASES:+--cases $CASES} ${PROFILE:+--profile}
+  if [[ -f .gpu_carry/nano_vllm_workload.py ]]; then  # ../shared/bench, carried
+    step nano_vllm 300 python3 .gpu_carry/nano_vllm_workload.py
+    cp "$OUT/nano_vllm.log" bench/results/nano_vllm_workload.log 2>/dev/null
   fi
+  [[ -n ${HF_BASELINE:-} && -f .gpu_carry/hf_peft_baseline.py ]] && B=32 N=32 step hf_peft 300 python3 .gpu_carry/hf_peft_baseline.py
 fi
+if [[ $what == serve || $what == all ]]; then
+  [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
+  [[ -f bench/serve_suite.py ]] && step serve_suite 500 python3 bench/serve_suite.py
+fi
+cp bench/results/*.json "$OUT/" 2>/dev/null
+true

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,7 @@ def peft_lora_weights(adapter_dir: str | Path, base: PreTrainedModel
                                        module.lora_B["default"].weight.detach().clone(),
                                        float(module.scaling["default"]))
     return out
+
+
+# adapter roots covering the temp dir the tests write adapters to (no root allows no local path)
+TMP_ROOTS = [tempfile.gettempdir()]

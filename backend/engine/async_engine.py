@@ -15,12 +15,14 @@ input fails before any work starts.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.backend.engine.llm_engine import LLMEngine
@@ -41,6 +43,21 @@ from loraplex.lora.types import AdapterInfo
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_FAILURES = 3  # failed steps in a row that mark the engine dead
+ABORTED_BY_CALL = "aborted by an Abort call"
+
+
+@dataclass
+class LoadReport:
+    """The engine's load, as GetLoad reports it (TEMP: h/core owns the real one)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    resident_adapters: list[str] = field(default_factory=list)
+    loading_adapters: list[str] = field(default_factory=list)
+    max_loras: int = 0
 
 
 class AsyncEngine:
@@ -143,8 +160,44 @@ class AsyncEngine:
             if not finished:
                 self._submit("abort", rid)
 
-    async def abort(self, request_id: str) -> None:
-        self._submit("abort", request_id)
+    async def abort(self, request_id: str) -> bool:
+        """Aborts a running or waiting request; its stream ends with finish_reason "abort"."""
+        if request_id not in self._queues:
+            return False
+        self._submit("abort", (request_id, ABORTED_BY_CALL))
+        return True
+
+    # ---- tokens, load, prefix cache (TEMP engine methods for the new RPCs; h/core owns them)
+    async def tokenize(self, prompt: str | None, messages: list[dict[str, Any]] | None = None,
+                       tools: list[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None,
+                       add_special_tokens: bool = True) -> list[int]:
+        if messages is not None:
+            prompt = self.apply_chat_template(messages, tools, template_kwargs)
+        if not prompt:
+            raise InvalidRequestError("prompt", "must not be empty")
+        text = prompt
+        return await asyncio.to_thread(lambda: list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens)))
+
+    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        vocab = self.engine.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError("token_ids", f"token id {bad[0]} outside the vocabulary [0, {vocab})")
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def get_load(self) -> LoadReport:
+        s = self.engine.stats
+        registry = self.engine.adapters
+        return LoadReport(running=s.num_running, waiting=s.num_waiting, kv_usage=s.kv_usage,
+                          kv_blocks_used=s.kv_blocks_used, kv_blocks_total=s.kv_blocks_total,
+                          resident_adapters=registry.resident_names() if registry is not None else [],
+                          loading_adapters=registry.loading_names() if registry is not None else [],
+                          max_loras=self.config.lora.max_loras)
+
+    async def reset_prefix_cache(self) -> bool:
+        done: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        self._submit("reset_prefix_cache", done)
+        return await asyncio.wrap_future(done)
 
     def _check_accepting(self) -> None:
         if self._draining:
@@ -222,8 +275,11 @@ class AsyncEngine:
                     self.engine.add_sequence(seq)
                 else:
                     self.engine.release_sequence(seq)  # cancelled before it reached the engine
+            elif kind == "reset_prefix_cache":
+                item.set_result(self.engine.kv.reset_prefix_cache())
             else:
-                out = self.engine.abort(item)
+                rid, error = item if isinstance(item, tuple) else (item, None)
+                out = self.engine.abort(rid, error=error)
                 if out is not None:
                     self._deliver([out])
 

@@ -1,95 +1,102 @@
-"""Decode steps captured in CUDA graphs and replayed, instead of thousands of eager launches.
+"""Whole decode steps captured in CUDA graphs at start-up and replayed.
 
-A decode step (one new token per sequence) is captured once per (batch bucket, KV
-bucket, with/without LoRA) over static input buffers; each step fills the buffers
-and replays. Padded rows write their K/V into a dummy block that the block manager
-never hands out, and attend only to it. LoRA rows go through the per-token (BGMV)
-kernels, whose launch depends only on the token->slot buffer.
+One graph per (batch bucket, with/without LoRA) runs the model, the LM head and
+the greedy argmax over persistent input buffers; a step fills the buffers with
+three host-to-device copies and replays. Attention reads the paged cache in
+place, so one graph serves every context length up to ``max_model_len``. Padded
+rows write their K/V into a dummy block that the block manager never hands out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from typing import Any
 
+import numpy as np
 import torch
 
+from loraplex.backend.engine.step_inputs import StepInputs
 from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forward_context
 from loraplex.backend.models.llama import DecoderModel
 from loraplex.kernels.lora import LoRABatchMeta
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
-MIN_KV_BLOCKS = 8
-
-
-@dataclass
-class DecodeBatch:
-    """One decode step on the host: B sequences, one token each."""
-
-    input_ids: list[int]  # [B]
-    positions: list[int]  # [B]
-    slot_mapping: list[int]  # [B]
-    block_tables: list[list[int]]  # B rows of block ids
-    seq_lens: list[int]  # [B]
-    token_slots: list[int]  # [B] LoRA slot, -1 = base
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
 
 class DecodeGraphs:
     def __init__(self, model: DecoderModel, block_size: int, dummy_block: int, max_blocks_per_seq: int,
-                 max_batch: int, device: torch.device):
+                 max_batch: int, device: torch.device, with_lora: bool):
         self.model = model
         self.block_size = block_size
         self.dummy_block = dummy_block
         self.max_blocks = max_blocks_per_seq
-        self.buckets = [b for b in BATCH_BUCKETS if b <= max(max_batch, 1)] or [1]
-        if self.buckets[-1] < min(max_batch, BATCH_BUCKETS[-1]):
-            self.buckets.append(min(max_batch, BATCH_BUCKETS[-1]))
+        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        self.lora_modes = (False, True) if with_lora else (False,)
         n = self.buckets[-1]
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.long, device=device)
-
-        self.input_ids, self.positions, self.slot_mapping = zeros(n), zeros(n), zeros(n)
-        self.block_tables = zeros(n, self.max_blocks)
-        self.seq_lens, self.query_lens = zeros(n) + 1, zeros(n) + 1
-        self.query_index = torch.arange(n, dtype=torch.long, device=device)
+        # host staging (pinned) and device buffers: rows = input ids, positions, slots, seq lens
+        self.host_i64 = torch.zeros((4, n), dtype=torch.int64, pin_memory=True)
+        self.host_slots = torch.full((n,), -1, dtype=torch.int32, pin_memory=True)
+        self.host_tables = torch.full((n, self.max_blocks), dummy_block, dtype=torch.int32, pin_memory=True)
+        self.dev_i64 = torch.zeros((4, n), dtype=torch.int64, device=device)
         self.token_slots = torch.full((n,), -1, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((n, self.max_blocks), dummy_block, dtype=torch.int32, device=device)
+        self.query_lens = torch.ones(n, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.query_index = torch.arange(n, dtype=torch.int64, device=device)
         self.seg_starts = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.logits = torch.empty((n, model.lm_head.weight.shape[0]), dtype=model.lm_head.weight.dtype,
+                                  device=device)
+        self.greedy = torch.zeros(n, dtype=torch.int64, device=device)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.pool: Any = None
+        self.capture_seconds = 0.0
+        self.graph_memory_bytes = 0
 
-    def fits(self, num_seqs: int, max_blocks: int) -> bool:
-        return num_seqs <= self.buckets[-1] and max_blocks <= self.max_blocks
+    def fits(self, num_seqs: int) -> bool:
+        return num_seqs <= self.buckets[-1]
 
-    def run(self, batch: DecodeBatch) -> torch.Tensor:
-        """Fills the static buffers, replays the matching graph; returns hidden states [B, hidden]."""
-        b = len(batch.input_ids)
+    def capture_all(self) -> None:
+        """Captures every bucket, largest first so that smaller ones reuse its memory pool."""
+        t = time.perf_counter()
+        free_before = torch.cuda.mem_get_info()[0]
+        for has_lora in self.lora_modes:
+            for bs in reversed(self.buckets):
+                self.graphs[(bs, has_lora)] = self._capture(bs, has_lora)
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - t
+        self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
+
+    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fills the buffers and replays; returns (logits [B, V], greedy ids [B]) as views of static buffers."""
+        b = len(inputs.requests)
         bs = next(x for x in self.buckets if x >= b)
-        longest = max(len(t) for t in batch.block_tables)
-        kvb = min(self.max_blocks, max(MIN_KV_BLOCKS, 1 << (longest - 1).bit_length()))
-        has_lora = any(s >= 0 for s in batch.token_slots)
-        self._fill(batch, bs, kvb)
-        key = (bs, kvb, has_lora)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
-        graph, hidden = self.graphs[key]
-        graph.replay()
-        return hidden[:b]
+        has_lora = bool((inputs.token_slots >= 0).any())
+        self._fill(inputs, bs)
+        self.graphs[(bs, has_lora and True in self.lora_modes)].replay()
+        return self.logits[:b], self.greedy[:b]
 
-    def _fill(self, batch: DecodeBatch, bs: int, kvb: int) -> None:
-        pad = bs - len(batch.input_ids)
-        dummy_slot = self.dummy_block * self.block_size
-        tables = torch.full((bs, kvb), self.dummy_block, dtype=torch.long)
-        for row, table in enumerate(batch.block_tables):
-            tables[row, :len(table)] = torch.tensor(table, dtype=torch.long)
-        self.block_tables[:bs, :kvb].copy_(tables, non_blocking=True)
-        for buf, values, fill in ((self.input_ids, batch.input_ids, 0), (self.positions, batch.positions, 0),
-                                  (self.slot_mapping, batch.slot_mapping, dummy_slot),
-                                  (self.seq_lens, batch.seq_lens, 1), (self.token_slots, batch.token_slots, -1)):
-            buf[:bs].copy_(torch.tensor(values + [fill] * pad, dtype=buf.dtype), non_blocking=True)
+    def _fill(self, inputs: StepInputs, bs: int) -> None:
+        b = len(inputs.requests)
+        staging = self.host_i64.numpy()
+        staging[0, :b], staging[1, :b] = inputs.input_ids, inputs.positions
+        staging[2, :b], staging[3, :b] = inputs.slot_mapping, inputs.seq_lens
+        staging[:, b:bs] = np.array([[0], [0], [self.dummy_block * self.block_size], [1]])
+        slots = self.host_slots.numpy()
+        slots[:b], slots[b:bs] = inputs.token_slots, -1
+        tables = self.host_tables.numpy()
+        width = inputs.block_tables.shape[1]
+        tables[:b, :width] = inputs.block_tables
+        tables[:b, width:] = self.dummy_block  # never read (seq_lens bound the reads), kept valid anyway
+        tables[b:bs] = self.dummy_block
+        self.dev_i64[:, :bs].copy_(self.host_i64[:, :bs], non_blocking=True)
+        self.token_slots[:bs].copy_(self.host_slots[:bs], non_blocking=True)
+        self.block_tables[:bs].copy_(self.host_tables[:bs], non_blocking=True)
 
-    def _context(self, bs: int, kvb: int, has_lora: bool) -> ForwardContext:
-        attn = AttentionMeta(self.slot_mapping[:bs], self.block_tables[:bs, :kvb], self.seq_lens[:bs],
-                             self.query_lens[:bs], self.query_index[:bs], max_query_len=1)
+    def _context(self, bs: int, has_lora: bool) -> ForwardContext:
+        attn = AttentionMeta(slot_mapping=self.dev_i64[2, :bs], block_tables=self.block_tables[:bs],
+                             seq_lens=self.dev_i64[3, :bs], query_lens=self.query_lens[:bs],
+                             query_index=self.query_index[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+                             max_query_len=1)
         lora = None
         if has_lora:
             lora = LoRABatchMeta(token_slots=self.token_slots[:bs], seg_starts=self.seg_starts[:bs + 1],
@@ -97,15 +104,26 @@ class DecodeGraphs:
                                  no_lora=False)
         return ForwardContext(attn, lora)
 
-    def _capture(self, bs: int, kvb: int, has_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        ids, pos = self.input_ids[:bs], self.positions[:bs]
-        with forward_context(self._context(bs, kvb, has_lora)):
-            self.model(ids, pos)  # warm-up: compiles kernels, settles the allocator
+    def _forward(self, bs: int, has_lora: bool) -> None:
+        with forward_context(self._context(bs, has_lora)):
+            hidden = self.model(self.dev_i64[0, :bs], self.dev_i64[1, :bs])
+        torch.matmul(hidden, self.model.lm_head.weight.t(), out=self.logits[:bs])
+        torch.argmax(self.logits[:bs], dim=-1, out=self.greedy[:bs])
+
+    def _capture(self, bs: int, has_lora: bool) -> torch.cuda.CUDAGraph:
+        self._reset_inputs(bs)
+        self._forward(bs, has_lora)  # warm-up: compiles kernels, settles the allocator
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        # a fresh context: nothing computed outside the graph (the causal mask) may be reused inside it
-        with torch.cuda.graph(graph, pool=self.pool), forward_context(self._context(bs, kvb, has_lora)):
-            hidden = self.model(ids, pos)
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(bs, has_lora)
         if self.pool is None:
             self.pool = graph.pool()
-        return graph, hidden
+        return graph
+
+    def _reset_inputs(self, bs: int) -> None:
+        """Valid padding rows for warm-up and capture (they write only the dummy block)."""
+        self.dev_i64[:, :bs] = torch.tensor([[0], [0], [self.dummy_block * self.block_size], [1]],
+                                            device=self.dev_i64.device)
+        self.token_slots[:bs] = -1
+        self.block_tables[:bs] = self.dummy_block

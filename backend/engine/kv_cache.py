@@ -127,11 +127,16 @@ class KVCacheManager:
                 self.free[block_id] = None
         seq.block_ids = []
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached block no sequence holds; True when none is left cached.
+
+        Blocks in use keep their hash (their sequences still read them), so this is safe at any time.
+        """
         for block_hash, block_id in list(self.cached.items()):
             if self.blocks[block_id].ref_count == 0:
                 self.blocks[block_id].block_hash = None
                 del self.cached[block_hash]
+        return not self.cached
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -41,10 +41,12 @@ class LLMEngine:
         self.eos_ids = parts.eos_ids
         self.adapters = parts.adapters  # lora.registry.AdapterRegistry or None
         self.kv = KVCacheManager(parts.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras)
+        assign = self.adapters.ensure_resident if self.adapters is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras, assign)
         self.runner = ModelRunner(parts.model, parts.num_blocks, config.cache.block_size, parts.dtype,
                                   parts.device, config.model.seed, cuda_graphs=not config.model.enforce_eager,
-                                  max_model_len=self.max_model_len, max_num_seqs=config.scheduler.max_num_seqs)
+                                  max_model_len=self.max_model_len, max_num_seqs=config.scheduler.max_num_seqs,
+                                  with_lora=self.adapters is not None)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats(kv_blocks_total=parts.num_blocks)
         self._residency_key: tuple[Any, ...] = ()
@@ -76,7 +78,7 @@ class LLMEngine:
                 raise InvalidRequestError("adapter", "LoRA is disabled on this server")
             seq.adapter = self.adapters.acquire(req.adapter)
             seq.adapter_key = seq.adapter.key
-        seq.state = OutputState.create(seq, self.tokenizer)
+        seq.state = OutputState.create(seq, self.tokenizer, self.eos_ids)
         return seq
 
     def _prompt_ids(self, req: EngineRequest) -> list[int]:
@@ -128,20 +130,12 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
         if not sched.is_empty:
-            slot_of = self._assign_slots(sched)
-            result = self.runner.execute(sched, slot_of)
+            result = self.runner.execute(sched)
             outputs = self._process(sched, result)
         self.stats.num_steps += 1
         self._update_stats()
         self.stats.last_step_started = 0.0
         return outputs
-
-    def _assign_slots(self, sched: SchedulerOutput) -> dict[tuple[str, int], int]:
-        versions = {s.seq.adapter for s in sched.scheduled if s.seq.adapter is not None}
-        if not versions:
-            return {}
-        assert self.adapters is not None
-        return {v.key: slot for v, slot in self.adapters.ensure_resident(versions).items()}
 
     def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         samplers = [item.seq for item in sched.scheduled if item.samples]
@@ -165,7 +159,6 @@ class LLMEngine:
     def _finish(self, seq: Sequence) -> None:
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq)
-        self.runner.release(seq.request_id)
         self.seqs.pop(seq.request_id, None)
         self.release_sequence(seq)
 

@@ -22,10 +22,13 @@ class OutputState:
     pending_logprobs: list[Logprob] = field(default_factory=list)
 
     @classmethod
-    def create(cls, seq: Sequence, tokenizer: Any) -> OutputState:
+    def create(cls, seq: Sequence, tokenizer: Any, eos_ids: set[int] | None = None) -> OutputState:
         p = seq.params
         matcher = StopStringMatcher(p.stop, p.include_stop_str_in_output) if p.stop else None
         state = cls(IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens), matcher)
+        if p.min_tokens:
+            eos = eos_ids if eos_ids is not None else {tokenizer.eos_token_id} - {None}
+            seq.early_stop_ids = sorted((set() if p.ignore_eos else set(eos)) | set(p.stop_token_ids))
         if p.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
         return state

@@ -23,6 +23,8 @@ from loraplex.backend.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 _BIG = torch.finfo(torch.float32).max  # +inf logits become this, so softmax stays finite
+# temperatures below this are greedy (as in vLLM): dividing by them overflows float32 to ties
+TEMPERATURE_FLOOR = 1e-5
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -36,7 +38,7 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 class SamplingBatch:
     """Per-step sampling parameters of the R requests that sample this step."""
 
-    temperature: Tensor  # [R] float32, 0 = greedy
+    temperature: Tensor  # [R] float32; below TEMPERATURE_FLOOR = greedy
     top_k: Tensor  # [R] int64, 0 = off
     top_p: Tensor  # [R] float32, 1 = off
     min_p: Tensor  # [R] float32, 0 = off
@@ -45,12 +47,13 @@ class SamplingBatch:
     frequency_penalty: Tensor  # [R] float32, 0 = off
     generators: list[torch.Generator | None]  # [R], None = default generator
     num_logprobs: list[int | None]  # [R], None = no logprobs
-    greedy: list[bool]  # [R], temperature == 0
+    greedy: list[bool]  # [R], temperature < TEMPERATURE_FLOOR
     output_counts: Tensor | None  # [R, V] int32 occurrences in the output; None without penalties
     seen_mask: Tensor | None  # [R, V] bool, in prompt or output; None without repetition penalty
     max_top_k: int  # largest top_k of a sampled row, at most V; 0 = no row uses top-k
     any_top_p: bool
     any_min_p: bool
+    blocked: tuple[Tensor, Tensor] | None = None  # (rows [N], token ids [N]) never sampled this step
 
     @classmethod
     def build(
@@ -61,13 +64,15 @@ class SamplingBatch:
         generators: list[torch.Generator | None],
         vocab_size: int,
         device: torch.device | str,
+        blocked: list[list[int]] | None = None,
     ) -> SamplingBatch:
+        """``blocked[r]``: token ids row r may not sample now (EOS before min_tokens)."""
         assert len(params) == len(prompt_ids) == len(output_ids) == len(generators)
 
         def column(name: str, dtype: torch.dtype) -> Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
 
-        greedy = [p.temperature == 0.0 for p in params]
+        greedy = [p.temperature < TEMPERATURE_FLOOR for p in params]
         repeats = [p.repetition_penalty != 1.0 for p in params]
         counted = [
             r or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
@@ -98,6 +103,7 @@ class SamplingBatch:
             max_top_k=min(max((p.top_k for p in random_rows), default=0), vocab_size),
             any_top_p=any(p.top_p < 1.0 for p in random_rows),
             any_min_p=any(p.min_p > 0.0 for p in random_rows),
+            blocked=_blocked_index(blocked, vocab_size, device),
         )
 
     def __len__(self) -> int:
@@ -124,6 +130,15 @@ def _token_counts(ids: list[list[int]], vocab_size: int, device: torch.device | 
     return counts.view(len(ids), vocab_size)
 
 
+def _blocked_index(blocked: list[list[int]] | None, vocab_size: int,
+                   device: torch.device | str) -> tuple[Tensor, Tensor] | None:
+    pairs = [(r, t) for r, ids in enumerate(blocked or ()) for t in ids if 0 <= t < vocab_size]
+    if not pairs:
+        return None
+    rows, cols = zip(*pairs, strict=True)
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+
+
 def _only(ids: list[list[int]], keep: list[bool]) -> list[list[int]]:
     return [row if k else [] for row, k in zip(ids, keep, strict=True)]
 
@@ -145,17 +160,19 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(batch), (tuple(logits.shape), len(batch))
         raw = _sanitize(logits.float())  # [R, V]
         penalised = apply_penalties(raw, batch)
+        if batch.blocked is not None:
+            penalised = penalised.index_put(batch.blocked, torch.tensor(_NEG_INF, device=penalised.device))
         tokens = penalised.argmax(dim=-1) if batch.any_greedy else None  # [R]
         if not batch.all_greedy:
             sampled = self._sample(penalised, batch)
-            greedy = batch.temperature == 0.0
+            greedy = torch.tensor(batch.greedy, device=penalised.device)
             tokens = sampled if tokens is None else torch.where(greedy, tokens, sampled)
         assert tokens is not None
         return SamplerOutput(token_ids=tokens.tolist(), logprobs=_chosen_logprobs(raw, tokens, batch))
 
     def _sample(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
         """[R, V] penalised logits -> [R] sampled ids (greedy rows get a throwaway draw)."""
-        temperature = torch.where(batch.temperature > 0.0, batch.temperature, 1.0)
+        temperature = torch.where(batch.temperature >= TEMPERATURE_FLOOR, batch.temperature, 1.0)
         logits = _sanitize(logits / temperature.unsqueeze(1))
         logits = apply_top_k_top_p(logits, batch)
         if batch.any_min_p:

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from loraplex.backend.engine.kv_cache import KVCacheManager
 from loraplex.backend.engine.sequence import Sequence, Status
+from loraplex.backend.sampling_params import SamplingParams
 from loraplex.config import SchedulerConfig
+
+# Puts the step's adapter versions in GPU slots: {version: slot}. Set by the engine (None without LoRA).
+SlotAssigner = Callable[[set[Any]], dict[Any, int]]
 
 
 @dataclass
@@ -25,12 +30,38 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class NewRequestData:
+    """A request the runner has not seen yet, or must rebuild after a preemption."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated before a preemption (recomputed, not resampled)
+    params: SamplingParams
+    early_stop_ids: list[int]  # never sampled before min_tokens: EOS (unless ignore_eos), stop token ids
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    """One request's part of a step, as the runner sees it (plain values, no live objects)."""
+
+    request_id: str
+    start: int  # tokens [start, start + num_new_tokens) run this step
+    num_new_tokens: int
+    new_block_ids: list[int]  # KV blocks added since the runner last saw the request (all, for a new one)
+    lora_slot: int  # GPU adapter slot, -1 = base model
+    samples: bool  # the chunk reaches the end of the request's tokens: sample one
+    new: NewRequestData | None  # set the first time the runner sees the request (and after preemption)
+
+
 @dataclass
 class SchedulerOutput:
-    """Everything the runner needs for one step."""
+    """One step. ``requests`` and ``finished_req_ids`` are the runner's whole input;
+    ``scheduled`` and ``preempted`` are the engine's own bookkeeping."""
 
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    requests: list[ScheduledRequest] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)  # the runner drops their state
 
     @property
     def num_tokens(self) -> int:
@@ -42,8 +73,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, max_loras: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, max_loras: int,
+                 assign_slots: SlotAssigner | None = None):
         self.config = config
+        self.assign_slots = assign_slots
+        self.finished_ids: set[str] = set()
         self.kv = kv
         self.max_model_len = max_model_len
         self.max_loras = max_loras
@@ -67,6 +101,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
         self.kv.free_seq(seq)
+        self.finished_ids.add(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -78,7 +113,24 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        self._describe_for_runner(out)
         return out
+
+    def _describe_for_runner(self, out: SchedulerOutput) -> None:
+        versions = {s.seq.adapter for s in out.scheduled if s.seq.adapter is not None}
+        slots = self.assign_slots(versions) if versions and self.assign_slots is not None else {}
+        for item in out.scheduled:
+            seq = item.seq
+            new = None
+            if seq.num_blocks_sent == 0:
+                new = NewRequestData(list(seq.prompt_token_ids), list(seq.output_token_ids), seq.params,
+                                     seq.early_stop_ids)
+            block_ids = seq.block_ids[seq.num_blocks_sent:]
+            seq.num_blocks_sent = len(seq.block_ids)
+            slot = slots[seq.adapter] if seq.adapter is not None else -1
+            out.requests.append(ScheduledRequest(seq.request_id, seq.num_computed_tokens, item.num_new_tokens,
+                                                 block_ids, slot, item.samples, new))
+        out.finished_req_ids, self.finished_ids = self.finished_ids, set()
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         for seq in list(self.running):
@@ -138,6 +190,7 @@ class Scheduler:
         """Preemption by recompute: drop the KV, keep the tokens, requeue at the front."""
         self.running.remove(seq)
         self.kv.free_seq(seq)
+        seq.num_blocks_sent = 0
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
@@ -159,6 +212,3 @@ class Scheduler:
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.kv.cache_full_blocks(item.seq)
-
-    def iter_seqs(self) -> Iterable[Sequence]:
-        return itertools.chain(self.running, self.waiting)

@@ -33,10 +33,12 @@ class Sequence:
     arrival_index: int = 0  # FCFS order
     adapter_key: tuple[str, int] | None = None  # (name, version); None = base model
     adapter: Any = None  # the registry's AdapterVersion pinned by this request
+    early_stop_ids: list[int] = field(default_factory=list)  # masked until min_tokens: EOS, stop token ids
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first schedule (-1 = not yet)
     block_ids: list[int] = field(default_factory=list)
+    num_blocks_sent: int = 0  # block ids already described to the runner (0: it must (re)build the request)
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of full blocks of all_token_ids
     status: Status = Status.WAITING
     num_preemptions: int = 0

@@ -150,14 +150,17 @@ def build_registry(config: EngineConfig, loaded: Any, model_name: str, dtype: to
         linear.set_lora(lora_a, lora_b, slots.scales)
     base = BaseModelSpec(architecture=loaded.architecture, model_name=model_name,
                          num_layers=model.spec.num_layers, module_shapes=shapes)
-    return AdapterRegistry(config.lora, base, slots)
+    from loraplex.backend.demo import DEMO_ADAPTERS
+
+    demo_root = str(next(iter(DEMO_ADAPTERS.values())).parent)  # built-in adapters count as a root
+    return AdapterRegistry(config.lora, base, slots, builtin_roots=(demo_root,))
 
 
 def register_demo_adapters(adapters: Any) -> None:
     from loraplex.backend.demo import DEMO_ADAPTERS
 
     for name, path in DEMO_ADAPTERS.items():
-        adapters.register(name, str(path), pinned=True)
+        adapters.register(name, str(path), pinned=True, trusted=True)
 
 
 def preload_adapters(adapters: Any, preload: list[str]) -> None:
@@ -165,4 +168,4 @@ def preload_adapters(adapters: Any, preload: list[str]) -> None:
         name, sep, source = item.partition("=")
         if not sep or not name or not source:
             raise ConfigError(f"preload={item!r}: expected NAME=SOURCE")
-        adapters.register(name, source)
+        adapters.register(name, source, trusted=True)  # the operator's own flag: not confined

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from loraplex.errors import UnsupportedModelError
+from loraplex.kernels import fused
 
 
 class RMSNorm(nn.Module):
@@ -18,15 +18,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        out = fused.rms_norm(x, self.weight, self.eps)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), one fused kernel on CUDA."""
+        out = fused.rms_norm(x, self.weight, self.eps, residual)
+        assert isinstance(out, tuple)
+        return out
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return nn.functional.silu(gate) * up
+    return fused.silu_and_mul(gate_up)
 
 
 class RotaryEmbedding(nn.Module):
@@ -44,18 +48,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
         self.head_dim = head_dim
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, Hkv, D], positions: [T] -> rotated q, k (same dtype)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Rotates q: [T, H, D] and k: [T, Hkv, D] in place at ``positions`` [T] (math in float32)."""
+        fused.rotary_embedding(positions, q, k, self.cos, self.sin)
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -92,7 +87,3 @@ def _hf_rope(hf_config: Any, rope_type: str) -> tuple[torch.Tensor, float]:
         raise UnsupportedModelError(f"rope type {rope_type!r} is not supported; known: {sorted(ROPE_INIT_FUNCTIONS)}")
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
     return inv_freq, float(scaling) if not isinstance(scaling, torch.Tensor) else float(scaling.item())
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -21,7 +21,8 @@ class AttentionMeta:
     block_tables: torch.Tensor  # [B, max_blocks] int64
     seq_lens: torch.Tensor  # [B] int64: context length after this step
     query_lens: torch.Tensor  # [B] int64: new tokens this step
-    query_index: torch.Tensor  # [T] int64: b * max_query_len + i
+    query_index: torch.Tensor  # [T] int64: b * max_query_len + i (the torch reference path's padding)
+    query_start_loc: torch.Tensor  # [B+1] int32: sequence b's tokens are rows [loc[b], loc[b+1])
     max_query_len: int
     masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)  # shared by the layers
 

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraplex.backend.layers.attention import PagedAttention
 from loraplex.backend.layers.basic import RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
-from loraplex.backend.layers.context import get_context
 from loraplex.backend.layers.lora import LoRALinear
-from loraplex.kernels.attention import paged_attention, write_kv
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class ArchSpec:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ArchSpec, rope: RotaryEmbedding, layer_idx: int):
+    def __init__(self, spec: ArchSpec, rope: RotaryEmbedding):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -68,27 +67,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rope = rope
-        self.scale = spec.head_dim ** -0.5
-        self.sliding_window = spec.sliding_window
-        self.layer_idx = layer_idx
-        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D], set by the runner
-        self.v_cache: torch.Tensor | None = None
+        self.attn = PagedAttention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5,
+                                   spec.sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_slices, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        q = q.reshape(-1, self.num_heads, self.head_dim)  # [T, H, D], contiguous: RoPE works in place
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
-        meta = get_context().attn
-        assert self.k_cache is not None and self.v_cache is not None, "KV cache not allocated"
-        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        mask = meta.mask(self.sliding_window, self.k_cache.shape[1])
-        out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, meta.query_lens,
-                              meta.query_index, meta.max_query_len, self.scale, self.sliding_window, mask)
-        return self.o_proj(out.reshape(out.shape[0], -1))
+        self.rope(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
 
 
 class MLP(nn.Module):
@@ -102,16 +92,23 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ArchSpec, rope: RotaryEmbedding, layer_idx: int):
+    def __init__(self, spec: ArchSpec, rope: RotaryEmbedding):
         super().__init__()
-        self.self_attn = Attention(spec, rope, layer_idx)
+        self.self_attn = Attention(spec, rope)
         self.mlp = MLP(spec)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: this layer's input less ``residual`` (None at the first layer) -> (mlp output, residual)."""
+        if residual is None:
+            h, residual = self.input_layernorm(h), h
+        else:
+            h, residual = self.input_layernorm.add_norm(h, residual)
+        h = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -122,7 +119,7 @@ class DecoderModel(nn.Module):
         self.spec = spec
         rope = build_rope(hf_config, spec.head_dim, spec.max_positions)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, rope, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, rope) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
@@ -131,10 +128,11 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(positions, h)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual)
+        assert residual is not None
+        return self.norm.add_norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
@@ -144,6 +142,7 @@ class DecoderModel(nn.Module):
         """(layer, group, modules, layer object) of every LoRA-able linear."""
         out = []
         for i, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
             out += [(i, "qkv_proj", ("q_proj", "k_proj", "v_proj"), attn.qkv_proj),
                     (i, "o_proj", ("o_proj",), attn.o_proj),

@@ -15,10 +15,10 @@ from loraplex.errors import ConfigError
 
 @dataclass
 class ServerConfig(_Validated):
-    host: str = opt("0.0.0.0", "address the gRPC server listens on")
+    host: str = opt("127.0.0.1", "address the gRPC server listens on (0.0.0.0 = every interface; the Helm chart passes the pod address)")
     port: int = opt(50051, "gRPC port; 0 = any free port", lo=0, hi=65535)
     metrics_port: int | None = opt(9400, "Prometheus /metrics port; 0 = any free port", lo=0, hi=65535)
-    metrics_host: str = opt("0.0.0.0", "address the metrics endpoint listens on")
+    metrics_host: str = opt("127.0.0.1", "address the metrics endpoint listens on (0.0.0.0 = every interface)")
     api_key: str | None = opt(None, "bearer token every RPC must carry (authorization: Bearer <token>); "
                                     "none = auth off")
     auth_health_checks: bool = opt(False, "require the token on grpc.health.v1 too (off by default so "

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.backend.outputs import Logprob, RequestOutput, RequestTimings, Usage
 from loraplex.backend.sampling_params import SamplingParams
+from loraplex.backend.server.json_depth import check_json_depth
 from loraplex.backend.server.messages import Msg
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.errors import InvalidRequestError
@@ -119,6 +120,7 @@ def _message_from_pb(index: int, m: pb.ChatMessage) -> dict[str, Any]:
 
 
 def _json_object(field_name: str, text: str) -> dict[str, Any]:
+    check_json_depth(field_name, text)
     try:
         value = json.loads(text)
     except ValueError as exc:

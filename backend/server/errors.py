@@ -16,6 +16,8 @@ import contextlib
 import functools
 import inspect
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +49,36 @@ def tolerant_deserializer(message_type: type[M]) -> Callable[[bytes], M | Malfor
             return MalformedRequest(str(exc) or type(exc).__name__)
 
     return parse
+
+
+class MalformedLog:
+    """Logs malformed requests once per kind (service) per ``period`` seconds, without a traceback,
+    so a flood of bad bytes cannot flood the log."""
+
+    def __init__(self, period: float = 60.0) -> None:
+        self.period = period
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.suppressed = 0
+
+    def note(self, kind: str, error: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.period:
+                self.suppressed += 1
+                return
+            self._last[kind] = now
+        log.warning(Msg.MALFORMED_LOGGED.format(kind=kind, error=error[:200], period=self.period))
+
+
+MALFORMED_LOG = MalformedLog()
+
+
+async def refuse_malformed(context: grpc.aio.ServicerContext, kind: str, request: MalformedRequest) -> None:
+    """INVALID_ARGUMENT for bytes that did not parse, logged at most once per kind and period."""
+    MALFORMED_LOG.note(kind, request.error)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, Msg.MALFORMED_REQUEST.format(error=request.error))
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:

@@ -12,12 +12,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
+import grpc
 from grpc_health.v1 import health, health_pb2
+
+from loraplex.backend.server.errors import MalformedRequest, refuse_malformed, tolerant_deserializer
 
 log = logging.getLogger("loraplex.server")
 
 SERVICE_NAME = "loraplex.v1.InferenceService"
+HEALTH_SERVICE = "grpc.health.v1.Health"
 SERVICES = ("", SERVICE_NAME)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -74,3 +79,26 @@ class EngineHealth:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._task = None
+
+
+def health_handler(servicer: health.aio.HealthServicer) -> grpc.GenericRpcHandler:
+    """The health service with a deserializer that never raises: bad bytes get INVALID_ARGUMENT
+    and one rate-limited log line instead of a traceback each."""
+    parse = tolerant_deserializer(health_pb2.HealthCheckRequest)
+
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            await refuse_malformed(context, "health", request)
+        return await servicer.Check(request, context)
+
+    async def watch(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, MalformedRequest):
+            await refuse_malformed(context, "health", request)
+        await servicer.Watch(request, context)
+
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+        "Check": grpc.unary_unary_rpc_method_handler(check, request_deserializer=parse,
+                                                     response_serializer=serialize),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, request_deserializer=parse,
+                                                      response_serializer=serialize)})

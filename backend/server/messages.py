@@ -29,6 +29,10 @@ class Msg(StrEnum):
     UNAUTHENTICATED_MISSING = "missing bearer token: send metadata 'authorization: Bearer <token>'"
     UNAUTHENTICATED_WRONG = "invalid bearer token"
     INTERNAL = "internal server error in {method}; see the server log"
+    TOKENIZE_INPUT_MISSING = "exactly one of prompt or chat must be set"
+    REQUEST_ID_EMPTY = "must not be empty: give the id of the request to abort"
+    MALFORMED_LOGGED = "malformed {kind} request ({error}); more of this kind within {period:.0f}s are not logged"
+    JSON_TOO_DEEP = "nested deeper than {limit} levels"
 
     def format(self, *args: object, **kwargs: object) -> str:  # type: ignore[override]
         return self.value.format(*args, **kwargs)

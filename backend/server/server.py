@@ -19,16 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from loraplex.backend.metrics import Metrics
 from loraplex.backend.server.auth import AuthInterceptor
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.errors import tolerant_deserializer
-from loraplex.backend.server.health import SERVICE_NAME, EngineHealth
-from loraplex.backend.server.servicer import InferenceServicer
+from loraplex.backend.server.health import HEALTH_SERVICE, SERVICE_NAME, EngineHealth, health_handler
+from loraplex.backend.server.reflection import reflection_handlers
+from loraplex.backend.server.servicer import ControlServicer, InferenceServicer
 from loraplex.backend.tracing import get_tracer
 from loraplex.clients.v1 import inference_pb2 as pb
 
@@ -40,6 +39,11 @@ _METHODS = {  # name: (request type, response type, server-streaming)
     "UnloadAdapter": (pb.UnloadAdapterRequest, pb.UnloadAdapterResponse, False),
     "ListAdapters": (pb.ListAdaptersRequest, pb.ListAdaptersResponse, False),
     "GetServerInfo": (pb.GetServerInfoRequest, pb.GetServerInfoResponse, False),
+    "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse, False),
+    "Detokenize": (pb.DetokenizeRequest, pb.DetokenizeResponse, False),
+    "Abort": (pb.AbortRequest, pb.AbortResponse, False),
+    "GetLoad": (pb.GetLoadRequest, pb.GetLoadResponse, False),
+    "ResetPrefixCache": (pb.ResetPrefixCacheRequest, pb.ResetPrefixCacheResponse, False),
 }
 
 
@@ -74,7 +78,7 @@ class GrpcServer:
         self.health = EngineHealth(engine.is_healthy, config.health_poll_seconds)
         features = tuple(f for f, on in (("auth", config.api_key), ("tls", config.tls),
                                          ("reflection", config.reflection)) if on)
-        self.servicer = InferenceServicer(engine, self.metrics, get_tracer(tracer_provider), features)
+        self.servicer = ControlServicer(engine, self.metrics, get_tracer(tracer_provider), features)
         self.server = self._build()
         self.port = 0
         self._stopped = asyncio.Event()
@@ -87,12 +91,9 @@ class GrpcServer:
                    ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(interceptors=interceptors, options=options,
                                  maximum_concurrent_rpcs=cfg.max_concurrent_rpcs)
-        server.add_generic_rpc_handlers((service_handler(self.servicer),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        server.add_generic_rpc_handlers((service_handler(self.servicer), health_handler(self.health.servicer)))
         if cfg.reflection:
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                     reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(names, server)
+            server.add_generic_rpc_handlers(tuple(reflection_handlers((SERVICE_NAME, HEALTH_SERVICE))))
         return server
 
     async def start(self) -> int:

@@ -23,7 +23,7 @@ from loraplex import __version__
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.backend.metrics import Metrics, RequestTracker
 from loraplex.backend.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
-from loraplex.backend.server import convert
+from loraplex.backend.server import control, convert
 from loraplex.backend.server.errors import grpc_errors, status_of
 from loraplex.backend.server.messages import Msg
 from loraplex.backend.tracing import GenerateSpanRecorder, extract_context, request_attributes
@@ -188,3 +188,33 @@ def _ending(span: trace.Span, tracker: RequestTracker) -> Iterator[None]:
         raise
     finally:
         span.end()
+
+
+class ControlServicer(InferenceServicer):
+    """``InferenceServicer`` plus the control RPCs (tokens, abort by id, load, prefix-cache reset);
+    the server serves this class."""
+
+    @grpc_errors
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        prompt = control.tokenize_prompt(request, self.engine.apply_chat_template)
+        ids = await self.engine.tokenize(prompt, None, None, None, control.add_special_tokens(request))
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
+
+    @grpc_errors
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        text = await self.engine.detokenize(list(request.token_ids), control.skip_special_tokens(request))
+        return pb.DetokenizeResponse(text=text)
+
+    @grpc_errors
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(aborted=await self.engine.abort(control.abort_request_id(request)))
+
+    @grpc_errors
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
+        return control.load_to_pb(self.engine.get_load())
+
+    @grpc_errors
+    async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ResetPrefixCacheResponse:
+        return pb.ResetPrefixCacheResponse(reset=await self.engine.reset_prefix_cache())

@@ -60,6 +60,31 @@ class InferenceServiceStub:
                 request_serializer=loraplex_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_inference__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loraplex.v1.InferenceService/Tokenize',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/loraplex.v1.InferenceService/Detokenize',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/loraplex.v1.InferenceService/Abort',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+                _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/loraplex.v1.InferenceService/GetLoad',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+                _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/loraplex.v1.InferenceService/ResetPrefixCache',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -103,6 +128,47 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Turns text, or chat messages rendered with the chat template exactly as
+        Generate renders them, into the token ids Generate would feed the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Turns token ids back into text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Aborts a running request by its id, from any connection (for example a
+        control connection other than the one streaming it). The aborted stream
+        ends with a final message whose finish_reason is "abort" and whose error
+        says it was aborted; its KV blocks and adapter pin are freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoad(self, request, context):
+        """The engine's current load, for routers and autoscalers: running and
+        waiting requests, KV cache usage, resident and loading adapters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetPrefixCache(self, request, context):
+        """Drops every cached prefix block no running request uses; blocks in use
+        stay until their requests end (so it is safe at any time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +196,31 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=loraplex_dot_v1_dot_inference__pb2.GetServerInfoRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_inference__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.AbortRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.AbortResponse.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.GetLoadRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.GetLoadResponse.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +359,141 @@ class InferenceService:
             '/loraplex.v1.InferenceService/GetServerInfo',
             loraplex_dot_v1_dot_inference__pb2.GetServerInfoRequest.SerializeToString,
             loraplex_dot_v1_dot_inference__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.InferenceService/Tokenize',
+            loraplex_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.InferenceService/Detokenize',
+            loraplex_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.InferenceService/Abort',
+            loraplex_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.InferenceService/GetLoad',
+            loraplex_dot_v1_dot_inference__pb2.GetLoadRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.GetLoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.InferenceService/ResetPrefixCache',
+            loraplex_dot_v1_dot_inference__pb2.ResetPrefixCacheRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from loraplex import LLM, SamplingParams
 from tests.engine_factory import assert_no_leaks, hf_greedy, load_hf, write_tiny_model
-from tests.lora_factory import make_peft_adapter
+from tests.lora_factory import TMP_ROOTS, make_peft_adapter
 
 ADAPTERS = {  # name -> (rank, alpha, targets, rslora)
     "attn8": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], False),
@@ -42,7 +42,8 @@ def setup(request, tmp_path_factory):
 
 
 def _llm(base_dir, dirs, **kw) -> LLM:
-    llm = LLM(str(base_dir), dtype="float32", kv_cache_memory_bytes=2**26, max_lora_rank=16, **kw)
+    llm = LLM(str(base_dir), dtype="float32", kv_cache_memory_bytes=2**26, max_lora_rank=16,
+              adapter_roots=TMP_ROOTS, **kw)
     for name, d in dirs.items():
         llm.load_adapter(name, str(d))
     return llm

@@ -15,7 +15,13 @@ from transformers import PreTrainedModel
 from loraplex.config import LoRAConfig
 from loraplex.lora import peft_source
 from loraplex.lora.peft import BaseModelSpec, load_peft_adapter, resolve_adapter_source
-from tests.lora_factory import edit_adapter_config, make_peft_adapter, make_tiny_model, peft_lora_weights
+from tests.lora_factory import (
+    TMP_ROOTS,
+    edit_adapter_config,
+    make_peft_adapter,
+    make_tiny_model,
+    peft_lora_weights,
+)
 
 ALL = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -41,41 +47,41 @@ def assert_matches_peft(adapter_dir: Path, base: PreTrainedModel, spec: BaseMode
 @pytest.mark.parametrize("name", ["qkv_r4", "all_r8_rs", "mlp_r2", "o_r3"])
 def test_weights_and_scale_match_peft(name: str, adapter_store: dict[str, Path], tiny_model: PreTrainedModel,
                                       base_spec: BaseModelSpec) -> None:
-    assert_matches_peft(adapter_store[name], tiny_model, base_spec, LoRAConfig())
+    assert_matches_peft(adapter_store[name], tiny_model, base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
 
 
 @pytest.mark.parametrize(("rslora", "expected"), [(False, 16.0 / 8), (True, 16.0 / 8 ** 0.5)])
 def test_scale_with_and_without_rslora(rslora: bool, expected: float, tmp_path: Path, tiny_model: PreTrainedModel,
                                        base_spec: BaseModelSpec) -> None:
     path = make_peft_adapter(tiny_model, tmp_path / "a", 8, 16.0, ["q_proj"], use_rslora=rslora)
-    w = load_peft_adapter("a", str(path), base_spec, LoRAConfig())
+    w = load_peft_adapter("a", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert (w.rank, w.alpha, w.use_rslora) == (8, 16.0, rslora)
     assert w.scale == pytest.approx(expected)
     assert w.target_modules == {"q_proj"}
 
 
 def test_all_linear_targets(adapter_store: dict[str, Path], base_spec: BaseModelSpec, copy_adapter: Any) -> None:
-    w = load_peft_adapter("a", str(adapter_store["all_r8_rs"]), base_spec, LoRAConfig())
+    w = load_peft_adapter("a", str(adapter_store["all_r8_rs"]), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert w.target_modules == ALL and len(w.weights) == 7 * base_spec.num_layers
     path = copy_adapter("all_r8_rs")  # PEFT expands "all-linear" on save; the literal form loads too
     edit_adapter_config(path, target_modules="all-linear")
-    assert load_peft_adapter("a", str(path), base_spec, LoRAConfig()).target_modules == ALL
+    assert load_peft_adapter("a", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS)).target_modules == ALL
 
 
 def test_regex_target_modules(tmp_path: Path, tiny_model: PreTrainedModel, base_spec: BaseModelSpec) -> None:
     path = make_peft_adapter(tiny_model, tmp_path / "rx", 4, 8.0, r".*\.(q_proj|v_proj)")
-    w = load_peft_adapter("rx", str(path), base_spec, LoRAConfig())
+    w = load_peft_adapter("rx", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert w.target_modules == {"q_proj", "v_proj"}
-    assert_matches_peft(path, tiny_model, base_spec, LoRAConfig())
+    assert_matches_peft(path, tiny_model, base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
 
 
 def test_rank_and_alpha_patterns_fold_into_b(tmp_path: Path, tiny_model: PreTrainedModel,
                                              base_spec: BaseModelSpec) -> None:
     path = make_peft_adapter(tiny_model, tmp_path / "pat", 4, 8.0, "all-linear", rank_pattern={"q_proj": 2},
                              alpha_pattern={"down_proj": 3.0, r"layers\.1\.self_attn\.o_proj": 1.0})
-    w = load_peft_adapter("pat", str(path), base_spec, LoRAConfig())
+    w = load_peft_adapter("pat", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert w.weights[(0, "q_proj")][0].shape[0] == 2 and w.rank == 4
-    assert_matches_peft(path, tiny_model, base_spec, LoRAConfig())
+    assert_matches_peft(path, tiny_model, base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
 
 
 @pytest.mark.parametrize("rename", [
@@ -87,8 +93,8 @@ def test_key_variants(rename: Any, copy_adapter: Any, adapter_store: dict[str, P
                       base_spec: BaseModelSpec) -> None:
     path = copy_adapter("qkv_r4")
     rewrite_keys(path, rename)
-    ours = load_peft_adapter("a", str(path), base_spec, LoRAConfig())
-    ref = load_peft_adapter("a", str(adapter_store["qkv_r4"]), base_spec, LoRAConfig())
+    ours = load_peft_adapter("a", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
+    ref = load_peft_adapter("a", str(adapter_store["qkv_r4"]), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert ours.weights.keys() == ref.weights.keys()
     assert all(torch.equal(ours.weights[k][1], ref.weights[k][1]) for k in ref.weights)
 
@@ -98,7 +104,7 @@ def test_llama_base(tmp_path: Path) -> None:
     spec = BaseModelSpec.from_hf_config(llama.config, "tiny-llama")
     assert spec.architecture == "LlamaForCausalLM"
     path = make_peft_adapter(llama, tmp_path / "l", 4, 4.0, ["q_proj", "down_proj"])
-    assert_matches_peft(path, llama, spec, LoRAConfig())
+    assert_matches_peft(path, llama, spec, LoRAConfig(adapter_roots=TMP_ROOTS))
 
 
 def test_spec_matches_model_linears(tiny_model: PreTrainedModel, base_spec: BaseModelSpec) -> None:
@@ -113,12 +119,12 @@ def test_base_model_name_mismatch_only_warns(copy_adapter: Any, base_spec: BaseM
     path = copy_adapter("qkv_r4")
     edit_adapter_config(path, base_model_name_or_path="someorg/other-model")
     with caplog.at_level(logging.WARNING, logger="loraplex.lora.peft"):
-        load_peft_adapter("a", str(path), base_spec, LoRAConfig())
+        load_peft_adapter("a", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert "someorg/other-model" in caplog.text and "tiny-qwen3" in caplog.text
     caplog.clear()
     edit_adapter_config(path, base_model_name_or_path="/models/TINY-QWEN3/")
     with caplog.at_level(logging.WARNING, logger="loraplex.lora.peft"):
-        load_peft_adapter("a", str(path), base_spec, LoRAConfig())
+        load_peft_adapter("a", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert "trained on" not in caplog.text
 
 
@@ -127,8 +133,8 @@ def test_pickle_weights_when_allowed(copy_adapter: Any, adapter_store: dict[str,
     path = copy_adapter("mlp_r2")
     torch.save(load_file(path / "adapter_model.safetensors"), path / "adapter_model.bin")
     os.remove(path / "adapter_model.safetensors")
-    ours = load_peft_adapter("a", str(path), base_spec, LoRAConfig(allow_pickle=True))
-    ref = load_peft_adapter("a", str(adapter_store["mlp_r2"]), base_spec, LoRAConfig())
+    ours = load_peft_adapter("a", str(path), base_spec, LoRAConfig(allow_pickle=True, adapter_roots=TMP_ROOTS))
+    ref = load_peft_adapter("a", str(adapter_store["mlp_r2"]), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert all(torch.equal(ours.weights[k][0], ref.weights[k][0]) for k in ref.weights)
 
 
@@ -140,7 +146,7 @@ def test_hub_id_downloads_snapshot(monkeypatch: pytest.MonkeyPatch, adapter_stor
         calls.append((repo_id, revision, allow_patterns))
         return str(adapter_store["o_r3"])
     monkeypatch.setattr(peft_source, "snapshot_download", fake_download)
-    cfg = LoRAConfig(adapter_roots=["/nonexistent-root"])  # confinement is for local paths only
+    cfg = LoRAConfig(adapter_roots=["/nonexistent-root"], allow_hub_adapters=True)  # roots confine local paths
     w = load_peft_adapter("hub", "someorg/some-adapter", base_spec, cfg, revision="v1")
     assert w.target_modules == {"o_proj"}
     assert calls == [("someorg/some-adapter", "v1", ["adapter_config.json", "adapter_model.safetensors"])]
@@ -150,11 +156,12 @@ def test_hub_network_failure_is_clear(base_spec: BaseModelSpec) -> None:
     from loraplex.errors import AdapterLoadError  # conftest's _no_hub makes every download fail
 
     with pytest.raises(AdapterLoadError, match="could not download 'someorg/x' from the Hugging Face hub"):
-        load_peft_adapter("hub", "someorg/x", base_spec, LoRAConfig())
+        load_peft_adapter("hub", "someorg/x", base_spec, LoRAConfig(allow_hub_adapters=True))
 
 
 def test_existing_local_dir_wins_over_hub_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                              copy_adapter: Any) -> None:
     copy_adapter("qkv_r4", tmp_path / "org" / "name")
     monkeypatch.chdir(tmp_path)
-    assert resolve_adapter_source("a", "org/name", None, LoRAConfig()) == (tmp_path / "org" / "name").resolve()
+    assert resolve_adapter_source("a", "org/name", None, LoRAConfig(adapter_roots=[str(tmp_path)],
+                                                                    allow_hub_adapters=True)) == (tmp_path / "org" / "name").resolve()

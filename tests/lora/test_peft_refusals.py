@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from loraplex.config import LoRAConfig
 from loraplex.errors import AdapterLoadError, AdapterSourceForbiddenError
 from loraplex.lora.peft import BaseModelSpec, load_peft_adapter
-from tests.lora_factory import edit_adapter_config
+from tests.lora_factory import TMP_ROOTS, edit_adapter_config
 
 ST = "adapter_model.safetensors"
 
@@ -152,7 +152,7 @@ def test_refusal(case: str, copy_adapter: Any, base_spec: BaseModelSpec) -> None
     if mutate is not None:
         mutate(path)
     with pytest.raises(error, match=message) as info:
-        load_peft_adapter("bad", str(path), dataclasses.replace(base_spec, **spec), LoRAConfig(**cfg))
+        load_peft_adapter("bad", str(path), dataclasses.replace(base_spec, **spec), LoRAConfig(**{"adapter_roots": TMP_ROOTS, **cfg}))
     assert type(info.value) is error and getattr(info.value, "name", None) == "bad"
     assert str(info.value).startswith("adapter 'bad': ")
 
@@ -181,18 +181,19 @@ def symlinked_file(root: Path, outside: Path, name: str) -> Path:
 
 
 # id -> source (``{root}`` / ``{outside}`` filled in), error class, message regex
+# outside the roots and missing get one answer, so it reveals nothing about the disk
 SOURCES: dict[str, tuple[str, type, str]] = {
-    "dotdot": ("{root}/../outside", F, "resolves outside the allowed adapter roots"),
-    "dotdot-relative-missing": ("{root}/good/../../../../etc", F, "resolves outside"),
-    "absolute-outside": ("{outside}", F, "resolves outside"),
-    "symlinked-dir": ("{root}/link", F, "resolves outside"),
+    "dotdot": ("{root}/../outside", F, "not an adapter directory inside the allowed adapter roots"),
+    "dotdot-relative-missing": ("{root}/good/../../../../etc", F, "not an adapter directory inside the allowed adapter roots"),
+    "absolute-outside": ("{outside}", F, "not an adapter directory inside the allowed adapter roots"),
+    "symlinked-dir": ("{root}/link", F, "not an adapter directory inside the allowed adapter roots"),
     "symlinked-weights": ("{root}/mixed", F, "adapter_model.safetensors in .* resolves outside"),
     "encoded-dotdot": ("{root}/%2e%2e/outside", F, "URL-encoded"),
     "encoded-slash": ("{root}/..%2Foutside", F, "URL-encoded"),
     "nul-byte": ("{root}/good\x00/../../outside", F, "NUL byte"),
     "url-scheme": ("file://{outside}", E, "URL scheme"),
     "empty": (" ", E, "source is empty"),
-    "missing-dir": ("{root}/nope", E, "not an adapter directory"),
+    "missing-dir": ("{root}/nope", F, "not an adapter directory inside the allowed adapter roots"),
 }
 
 
@@ -223,7 +224,8 @@ def test_allowed_sources(roots: tuple[Path, Path], base_spec: BaseModelSpec) -> 
     os.symlink(root / "good", root / "inner-link")  # a symlink that stays inside is fine
     for source in (root / "good", root / "inner-link", root / "good" / ".." / "good"):
         load_peft_adapter("ok", str(source), base_spec, LoRAConfig(adapter_roots=[str(root)]))
-    load_peft_adapter("ok", str(outside), base_spec, LoRAConfig())  # no roots: any local path
+    with pytest.raises(AdapterSourceForbiddenError):  # no roots: no local path at all
+        load_peft_adapter("ok", str(outside), base_spec, LoRAConfig())
 
 
 def test_nothing_read_before_validation(copy_adapter: Any, base_spec: BaseModelSpec,
@@ -234,6 +236,6 @@ def test_nothing_read_before_validation(copy_adapter: Any, base_spec: BaseModelS
     opened = []
     monkeypatch.setattr("loraplex.lora.peft.safe_open", lambda *a, **k: opened.append(a))
     with pytest.raises(E):
-        load_peft_adapter("bad", str(path), base_spec, LoRAConfig())
+        load_peft_adapter("bad", str(path), base_spec, LoRAConfig(adapter_roots=TMP_ROOTS))
     assert opened == []
     assert json.loads((path / "adapter_config.json").read_text())["use_dora"] is True

@@ -26,7 +26,7 @@ from loraplex.lora.peft import BaseModelSpec, LoRAWeights, load_peft_adapter
 from loraplex.lora.registry import AdapterRegistry, AdapterVersion
 from loraplex.lora.slots import LoRASlots, targets_from_spec
 from loraplex.lora.types import AdapterState
-from tests.lora_factory import make_peft_adapter
+from tests.lora_factory import TMP_ROOTS, make_peft_adapter
 
 Factory = Callable[..., AdapterRegistry]
 
@@ -36,7 +36,7 @@ def make_registry(base_spec: BaseModelSpec) -> Factory:
     def make(max_loras: int = 2, max_cpu_loras: int = 8, loader: Any = load_peft_adapter,
              **cfg: Any) -> AdapterRegistry:
         slots = LoRASlots(targets_from_spec(2, base_spec.module_shapes), max_loras=max_loras, max_rank=8)
-        return AdapterRegistry(LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, **cfg), base_spec,
+        return AdapterRegistry(LoRAConfig(max_loras=max_loras, max_cpu_loras=max_cpu_loras, **{"adapter_roots": TMP_ROOTS, **cfg}), base_spec,
                                slots, loader=loader)
     return make
 

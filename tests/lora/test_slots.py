@@ -16,6 +16,7 @@ from loraplex.config import LoRAConfig
 from loraplex.errors import AdapterLoadError
 from loraplex.lora.peft import BaseModelSpec, LoRAWeights, load_peft_adapter
 from loraplex.lora.slots import LoRASlots, LoRATarget, targets_from_spec
+from tests.lora_factory import TMP_ROOTS
 
 R = 8
 
@@ -26,7 +27,7 @@ def slots(base_spec: BaseModelSpec) -> LoRASlots:
 
 
 def load(adapter_store: dict[str, Path], name: str, spec: BaseModelSpec) -> LoRAWeights:
-    return load_peft_adapter(name, str(adapter_store[name]), spec, LoRAConfig())
+    return load_peft_adapter(name, str(adapter_store[name]), spec, LoRAConfig(adapter_roots=TMP_ROOTS))
 
 
 def expected_slot(target: LoRATarget, w: LoRAWeights) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 import threading
 import urllib.request
 from collections.abc import Coroutine
@@ -25,7 +26,9 @@ T = TypeVar("T")
 # on the CPU even where a GPU is present: these tests are about the server, and their timing
 # assumptions (deadlines, drains) hold for the demo model on a CPU
 SMALL_ENGINE = {"device": "cpu", "max_model_len": 256, "max_num_seqs": 64, "max_num_batched_tokens": 512,
-                "kv_cache_memory_bytes": 32 * 2**20}
+                "kv_cache_memory_bytes": 32 * 2**20,
+                # tests load adapters they write under the temp dir; the default allows no local path
+                "adapter_roots": [tempfile.gettempdir()]}
 
 
 class LoopThread:

@@ -162,7 +162,7 @@ def bad_adapter_table(tmp_path) -> list[tuple[dict, grpc.StatusCode]]:
         ({"name": "upper", "source": str(DEMO_ADAPTERS["upper"])}, grpc.StatusCode.ALREADY_EXISTS),
         ({"name": "", "source": str(DEMO_ADAPTERS["upper"])}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"name": "x", "source": ""}, grpc.StatusCode.INVALID_ARGUMENT),
-        ({"name": "x", "source": str(tmp_path / "missing")}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"name": "x", "source": str(tmp_path / "missing")}, grpc.StatusCode.PERMISSION_DENIED),  # as outside
         ({"name": "x", "source": str(broken_json)}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"name": "x", "source": str(no_weights)}, grpc.StatusCode.INVALID_ARGUMENT),
         ({"name": "x", "source": "/tmp/%2e%2e/etc"}, grpc.StatusCode.PERMISSION_DENIED),
