@@ -75,6 +75,7 @@ def test_model_server_sidecar_and_inferencepool_labels() -> None:
     assert arg_value(args, "--port") == ["8000"] and sidecar["ports"][0]["containerPort"] == 8000
     assert set(flags_in(args)) <= cli_flags("gateway")
     assert "--vllm-metrics" in backend["args"]
+    assert set(flags_in(backend["args"])) <= cli_flags("serve")
     labels = pod["metadata"]["labels"]
     pool = next(d for d in examples("inferencepool.yaml") if d["kind"] == "InferencePool")
     assert pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
