@@ -1,4 +1,5 @@
-"""Prometheus metrics, all prefixed ``loraplex_``, in one registry per server.
+"""Prometheus metrics in one registry per server: ``loraplex_*`` families, and beside them
+(unless switched off) the ``vllm:*`` families routers read (``metrics_vllm``).
 
 Two sources:
 - what the engine keeps (queue lengths, KV blocks, tokens, preemptions, prefix
@@ -6,6 +7,10 @@ Two sources:
   ``engine.stats()`` at scrape time by ``EngineStatsCollector``;
 - request-level histograms (TTFT, inter-token latency, end-to-end, queue time)
   and outcomes are observed by the servicer through ``RequestTracker``.
+
+Every series carries ``model_name``. Per-adapter series exist only while the
+adapter is registered (or still has requests in flight): an unloaded adapter's
+series go away.
 """
 
 from __future__ import annotations
@@ -20,22 +25,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from loraplex.backend.engine.stats import EngineStats
+from loraplex.backend.metrics_vllm import ITL_BUCKETS, LATENCY_BUCKETS, VllmFamilies, VllmRequestMetrics
 from loraplex.backend.outputs import RequestOutput
 
 log = logging.getLogger("loraplex.metrics")
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                    10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-                0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-
+MODEL = "model_name"
 _GAUGES = (
     ("num_requests_waiting", "Requests waiting to be scheduled", "num_waiting"),
     ("num_requests_running", "Requests in the running batch", "num_running"),
-    ("kv_cache_blocks_total", "KV-cache blocks", "kv_blocks_total"),
+    ("kv_cache_blocks", "KV-cache blocks in the pool", "kv_blocks_total"),
     ("kv_cache_blocks_used", "KV-cache blocks held by requests", "kv_blocks_used"),
     ("kv_cache_usage_ratio", "Share of KV-cache blocks held by requests (0-1)", "kv_usage"),
-    ("lora_slots_total", "GPU adapter slots", "lora_slots_total"),
+    ("lora_slots", "GPU adapter slots", "lora_slots_total"),
     ("lora_slots_used", "GPU adapter slots holding an adapter", "lora_slots_used"),
     ("engine_loop_alive", "1 while the engine's step loop runs", "loop_alive"),
 )
@@ -55,8 +57,10 @@ _COUNTERS = (
 class EngineStatsCollector(Collector):
     """Reads ``EngineStats`` at scrape time; a failing engine yields no engine metrics, never an error."""
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str, vllm: VllmFamilies | None) -> None:
         self._stats = stats
+        self._model = model_name
+        self._vllm = vllm
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -65,68 +69,92 @@ class EngineStatsCollector(Collector):
             log.warning("engine stats unavailable for /metrics", exc_info=True)
             return
         for name, doc, attr in _GAUGES:
-            yield GaugeMetricFamily(f"loraplex_{name}", doc, value=float(getattr(s, attr)))
+            yield _one(GaugeMetricFamily(f"loraplex_{name}", doc, labels=[MODEL]), self._model, getattr(s, attr))
         for name, doc, attr in _COUNTERS:
-            yield CounterMetricFamily(f"loraplex_{name}", doc, value=float(getattr(s, attr)))
-        yield from _adapter_metrics(s)
+            yield _one(CounterMetricFamily(f"loraplex_{name}", doc, labels=[MODEL]), self._model, getattr(s, attr))
+        yield from _adapter_metrics(s, self._model)
+        if self._vllm is not None:
+            yield from self._vllm.collect(s)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
 
 
-def _adapter_metrics(s: EngineStats) -> Iterator[Metric]:
-    states = GaugeMetricFamily("loraplex_lora_adapters", "Adapters by where their weights are", labels=["state"])
+def _one(family: Any, model: str, value: float) -> Metric:
+    family.add_metric([model], float(value))
+    return family
+
+
+def live_adapters(s: EngineStats) -> set[str]:
+    """Names whose per-adapter series should exist: registered, or still running or waiting."""
+    return {a.name for a in s.adapter_residency} | set(s.running_adapter_names) | set(s.waiting_adapter_names)
+
+
+def _adapter_metrics(s: EngineStats, model: str) -> Iterator[Metric]:
+    states = GaugeMetricFamily("loraplex_lora_adapters", "Adapters by where their weights are",
+                               labels=[MODEL, "state"])
     for state, count in (("resident", s.adapters_resident), ("cached", s.adapters_cached),
                          ("registered", s.adapters_registered)):
-        states.add_metric([state], float(count))
+        states.add_metric([model, state], float(count))
     yield states
-    requests = CounterMetricFamily("loraplex_lora_requests", "Requests admitted per adapter", labels=["adapter"])
-    for adapter, count in sorted(s.requests_by_adapter.items()):
-        requests.add_metric([adapter or "base"], float(count))
-    yield requests
-    tokens = CounterMetricFamily("loraplex_lora_generation_tokens", "Tokens generated per adapter",
-                                 labels=["adapter"])
-    for adapter, count in sorted(s.tokens_by_adapter.items()):
-        tokens.add_metric([adapter or "base"], float(count))
-    yield tokens
+    live = live_adapters(s)
+    for name, doc, counts in (("loraplex_lora_requests", "Requests admitted per adapter", s.requests_by_adapter),
+                              ("loraplex_lora_generation_tokens", "Tokens generated per adapter",
+                               s.tokens_by_adapter)):
+        family = CounterMetricFamily(name, doc, labels=[MODEL, "adapter"])
+        for adapter, count in sorted(counts.items()):
+            if not adapter or adapter in live:
+                family.add_metric([model, adapter or "base"], float(count))
+        yield family
 
 
 class Metrics:
-    """The server's metrics; ``stats`` (usually ``engine.stats``) feeds the engine-side ones."""
+    """The server's metrics; ``stats`` (usually ``engine.stats``) feeds the engine-side ones.
+
+    ``vllm=False`` leaves out every ``vllm:*`` family.
+    """
 
     def __init__(self, stats: Callable[[], EngineStats] | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, *, model_name: str = "", vllm: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
         r = self.registry
-        self.requests = Counter("loraplex_requests", "Generate calls by how they ended", ["outcome"], registry=r)
-        self.in_flight = Gauge("loraplex_grpc_streams_in_flight", "Generate streams open now", registry=r)
-        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Arrival to first generated token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("loraplex_inter_token_latency_seconds", "Time between generated tokens",
-                             buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("loraplex_e2e_request_latency_seconds", "Arrival to the end of the request",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("loraplex_request_queue_time_seconds", "Arrival to first scheduled",
-                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("loraplex_requests", "Generate calls by how they ended", [MODEL, "outcome"],
+                                registry=r)
+        self.in_flight = Gauge("loraplex_grpc_streams_in_flight", "Generate streams open now", [MODEL],
+                               registry=r).labels(model_name)
+        self.ttft = _histogram("loraplex_time_to_first_token_seconds", "Arrival to first generated token",
+                               LATENCY_BUCKETS, r, model_name)
+        self.itl = _histogram("loraplex_inter_token_latency_seconds", "Time between generated tokens",
+                              ITL_BUCKETS, r, model_name)
+        self.e2e = _histogram("loraplex_e2e_request_latency_seconds", "Arrival to the end of the request",
+                              LATENCY_BUCKETS, r, model_name)
+        self.queue = _histogram("loraplex_request_queue_time_seconds", "Arrival to first scheduled",
+                                LATENCY_BUCKETS, r, model_name)
         self.adapter_ops = Counter("loraplex_adapter_operations", "Adapter management calls by result",
-                                   ["op", "outcome"], registry=r)
+                                   [MODEL, "op", "outcome"], registry=r)
         self.adapter_op_seconds = Histogram("loraplex_adapter_operation_seconds",
                                             "Latency of adapter management calls (load includes weights)",
-                                            ["op"], buckets=_LATENCY_BUCKETS, registry=r)
+                                            [MODEL, "op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.vllm = VllmRequestMetrics(r, model_name) if vllm else None
         if stats is not None:
-            r.register(EngineStatsCollector(stats))
+            r.register(EngineStatsCollector(stats, model_name, VllmFamilies(model_name) if vllm else None))
 
     def tracker(self) -> RequestTracker:
         return RequestTracker(self)
 
     def adapter_op(self, op: str, outcome: str, seconds: float) -> None:
-        self.adapter_ops.labels(op=op, outcome=outcome).inc()
-        self.adapter_op_seconds.labels(op=op).observe(seconds)
+        self.adapter_ops.labels(self.model_name, op, outcome).inc()
+        self.adapter_op_seconds.labels(self.model_name, op).observe(seconds)
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Starts ``/metrics`` on a daemon thread; returns the server and its bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return server, int(server.server_port)
+
+
+def _histogram(name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry, model: str) -> Any:
+    return Histogram(name, doc, [MODEL], buckets=buckets, registry=registry).labels(model)
 
 
 class RequestTracker:
@@ -148,19 +176,26 @@ class RequestTracker:
         now = time.monotonic() if now is None else now
         if out.new_token_ids:
             if self._last_token_at == 0.0:
-                self._m.ttft.observe(out.timings.time_to_first_token or 0.0)
+                self._observe("ttft", out.timings.time_to_first_token or 0.0)
             else:
                 gap = (now - self._last_token_at) / len(out.new_token_ids)
                 for _ in out.new_token_ids:
-                    self._m.itl.observe(gap)
+                    self._observe("itl", gap)
             self._last_token_at = now
         if out.finished:
-            self._m.e2e.observe(out.timings.e2e_latency)
-            self._m.queue.observe(out.timings.queue_time)
+            self._observe("e2e", out.timings.e2e_latency)
+            self._observe("queue", out.timings.queue_time)
             self.finish(out.finish_reason or "stop")
+
+    def _observe(self, which: str, seconds: float) -> None:
+        getattr(self._m, which).observe(seconds)
+        if self._m.vllm is not None:
+            getattr(self._m.vllm, which).observe(seconds)
 
     def finish(self, outcome: str) -> None:
         """Counts the request once under ``outcome`` ("stop", "length", "abort", "cancelled", a status name)."""
         if not self._done:
             self._done = True
-            self._m.requests.labels(outcome=outcome).inc()
+            self._m.requests.labels(self._m.model_name, outcome).inc()
+            if self._m.vllm is not None:
+                self._m.vllm.finished(outcome)

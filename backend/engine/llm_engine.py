@@ -21,7 +21,7 @@ from loraplex.backend.engine.runner import ModelRunner, StepResult
 from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
 from loraplex.backend.engine.setup import EngineParts, build_engine_parts
-from loraplex.backend.engine.stats import EngineStats
+from loraplex.backend.engine.stats import AdapterResidency, EngineStats
 from loraplex.backend.outputs import RequestOutput
 from loraplex.config import EngineConfig
 from loraplex.errors import InvalidRequestError
@@ -49,6 +49,8 @@ class LLMEngine:
                                   with_lora=self.adapters is not None)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats(kv_blocks_total=parts.num_blocks)
+        self._residency_key: tuple[Any, ...] = ()
+        self._update_stats()  # routers read slots and preloaded adapters before the first request
 
     @property
     def device(self) -> torch.device:
@@ -179,6 +181,19 @@ class LLMEngine:
             s.adapters_resident, s.adapters_cached = c.adapters_resident, c.adapters_cached
             s.adapters_registered, s.adapter_evictions = c.adapters_registered, c.adapter_evictions
             s.adapter_loads, s.adapter_load_seconds = c.source_loads, c.source_load_seconds
+            self._update_residency(c)
+        s.running_adapter_names = _adapter_names(self.scheduler.running)
+        s.waiting_adapter_names = _adapter_names(self.scheduler.waiting)
+
+    def _update_residency(self, c: Any) -> None:
+        """Re-lists the adapters only when the registry's counts moved (listing thousands each step costs)."""
+        key = (c.adapter_loads, c.adapter_evictions, c.source_loads, c.cpu_evictions, c.adapters_registered,
+               c.lora_slots_used, c.adapters_resident, c.adapters_cached)
+        if key != self._residency_key:
+            self._residency_key = key
+            levels = {"resident": "gpu", "cached": "cpu", "registered": "disk"}
+            self.stats.adapter_residency = tuple(AdapterResidency(a.name, levels[str(a.state)], a.pinned, a.rank)
+                                                 for a in self.adapters.list())
 
     # ---- chat
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
@@ -191,3 +206,7 @@ class LLMEngine:
                 **(template_kwargs or {})))
         except Exception as exc:  # jinja errors on malformed messages
             raise InvalidRequestError("messages", f"chat template failed: {exc}") from exc
+
+
+def _adapter_names(seqs: Any) -> tuple[str, ...]:
+    return tuple(sorted({s.adapter_key[0] for s in seqs if s.adapter_key is not None}))

@@ -5,6 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class AdapterResidency:
+    """Where one registered adapter's weights are: level "gpu" (a slot), "cpu" (host cache) or "disk"."""
+
+    name: str
+    level: str
+    pinned: bool
+    rank: int
+
+
 @dataclass
 class EngineStats:
     # gauges
@@ -31,6 +41,12 @@ class EngineStats:
     tokens_by_adapter: dict[str, int] = field(default_factory=dict)
     last_step_started: float = 0.0  # monotonic; 0 = idle
     loop_alive: bool = False
+    # for routers (vllm:lora_requests_info, vllm:lora_adapter_loaded): adapter names of the
+    # running and waiting requests (sorted, no duplicates, base model left out), and every
+    # registered adapter's residency (refreshed when the registry's counts change)
+    running_adapter_names: tuple[str, ...] = ()
+    waiting_adapter_names: tuple[str, ...] = ()
+    adapter_residency: tuple[AdapterResidency, ...] = ()
 
     @property
     def kv_usage(self) -> float:

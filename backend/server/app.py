@@ -10,7 +10,6 @@ import asyncio
 import logging
 import signal
 
-from loraplex.backend.metrics import Metrics
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
 from loraplex.backend.tracing import configure_tracing
@@ -26,7 +25,7 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
     engine = AsyncEngine(engine_config)
     await engine.start()
     provider = configure_tracing()
-    server = GrpcServer(engine, server_config, metrics=Metrics(engine.stats), tracer_provider=provider)
+    server = GrpcServer(engine, server_config, tracer_provider=provider)
     metrics_http = None
     try:
         if server_config.metrics_port is not None:

@@ -74,7 +74,7 @@ class GrpcServer:
                  tracer_provider: TracerProvider | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.metrics = metrics or Metrics(engine.stats)
+        self.metrics = metrics or Metrics(engine.stats, model_name=engine.model_name, vllm=config.vllm_metrics)
         self.health = EngineHealth(engine.is_healthy, config.health_poll_seconds)
         features = tuple(f for f, on in (("auth", config.api_key), ("tls", config.tls),
                                          ("reflection", config.reflection)) if on)

@@ -4,6 +4,7 @@ and ``loraplex gateway`` in front of it, on free loopback ports, as a user start
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,9 +113,15 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeou
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
-    """``name{labels}`` in a /metrics scrape (0 when absent)."""
-    key = f"{name}{{{labels}}}" if labels else name
+    """The value of the first ``name`` series whose labels include ``labels`` (0 when absent)."""
+    want = set(_label_pairs(labels))
     for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.rsplit(" ", 1)[1])
+        series, _, value = line.rpartition(" ")
+        base, _, rest = series.partition("{")
+        if base == name and want <= set(_label_pairs(rest)):
+            return float(value)
     return 0.0
+
+
+def _label_pairs(text: str) -> list[tuple[str, str]]:
+    return re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text)

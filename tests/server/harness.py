@@ -5,6 +5,7 @@ stubs and the clients from the main thread (sync, or their own ``asyncio.run``).
 from __future__ import annotations
 
 import asyncio
+import re
 import tempfile
 import threading
 import urllib.request
@@ -16,7 +17,6 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from loraplex.backend.engine.async_engine import AsyncEngine
-from loraplex.backend.metrics import Metrics
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
 from loraplex.clients import pb
@@ -84,8 +84,7 @@ def start_server(engine_kwargs: dict[str, Any] | None = None, server_kwargs: dic
     async def build() -> RunningServer:
         engine = AsyncEngine(config)
         await engine.start()
-        grpc_server = GrpcServer(engine, server_config, metrics=Metrics(engine.stats),
-                                 tracer_provider=tracer_provider)
+        grpc_server = GrpcServer(engine, server_config, tracer_provider=tracer_provider)
         port = await grpc_server.start()
         http, metrics_port = grpc_server.metrics.serve("127.0.0.1", 0)
         return RunningServer(f"127.0.0.1:{port}", engine, grpc_server, loop, metrics_port, http)
@@ -121,9 +120,15 @@ async def read_rest(call: grpc.aio.UnaryStreamCall) -> list[pb.GenerateResponse]
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of ``name{labels}`` in a /metrics scrape (0 when absent)."""
-    key = f"{name}{{{labels}}}" if labels else name
+    """The value of the first ``name`` series whose labels include ``labels`` (0 when absent)."""
+    want = set(_label_pairs(labels))
     for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.rsplit(" ", 1)[1])
+        series, _, value = line.rpartition(" ")
+        base, _, rest = series.partition("{")
+        if base == name and want <= set(_label_pairs(rest)):
+            return float(value)
     return 0.0
+
+
+def _label_pairs(text: str) -> list[tuple[str, str]]:
+    return re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text)

@@ -265,7 +265,7 @@ def test_metrics_move(demo: RunningServer) -> None:
                          ("loraplex_lora_generation_tokens_total", 'adapter="upper"'),
                          ("loraplex_engine_steps_total", "")]:
         assert metric_value(after, name, labels) > metric_value(before, name, labels), name
-    assert metric_value(after, "loraplex_kv_cache_blocks_total") > 0
+    assert metric_value(after, "loraplex_kv_cache_blocks") > 0
     assert metric_value(after, "loraplex_engine_loop_alive") == 1
-    assert 'loraplex_lora_adapters{state="registered"}' in after
+    assert metric_value(after, "loraplex_lora_adapters", 'state="registered"') > 0
     assert "loraplex_prefix_cache_queries_total" in after and "loraplex_num_preemptions_total" in after
