@@ -5,6 +5,7 @@
     loraplex adapters load NAME SOURCE | unload NAME | list
     loraplex info
     loraplex gateway --backend HOST:PORT ...
+    loraplex bench serve --endpoint grpc://HOST:PORT ...   (loraplex.clients.bench)
 
 Only ``serve`` imports torch (lazily); the client commands use ``loraplex.clients``.
 """
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     sub.add_parser("gateway", help="run the OpenAI-compatible REST gateway (see `loraplex gateway --help`)",
                    add_help=False)
+    sub.add_parser("bench", help="benchmark a running server (see `loraplex bench serve --help`)", add_help=False)
     return parser
 
 
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "gateway":
         return run_gateway(argv[1:])
+    if argv and argv[0] == "bench":
+        from loraplex.clients.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
