@@ -5,7 +5,6 @@ Used by ``bench/serve_suite.py`` and by the tests of ``loraplex bench serve`` (t
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,9 +16,8 @@ from pathlib import Path
 
 
 def loraplex_command() -> list[str]:
-    """The console script when installed, else the module."""
-    script = shutil.which("loraplex")
-    return [script] if script else [sys.executable, "-m", "loraplex.backend.cli"]
+    """The ``loraplex`` console command as its module, so the checkout on PYTHONPATH runs (never a stale install)."""
+    return [sys.executable, "-m", "loraplex.backend.cli"]
 
 
 def free_port() -> int:
