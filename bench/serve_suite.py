@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import multiprocessing
 import os
 import shlex
 import sys
@@ -38,6 +40,7 @@ from loraplex.clients.bench.metrics import crossing_rate
 
 SGLANG_H100_TOK_S = 3787.0  # SGLang PR #4115, Llama-2-7B, 4 adapters, 50 requests, H100
 TTFT_LIMIT_MS = 1000.0
+PLOTS = importlib.util.find_spec("matplotlib") is not None  # without it: figures in JSON only
 KEYS = ("num_sent", "completed", "failed", "errors", "duration", "request_throughput", "output_throughput",
         "total_token_throughput", "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p50_itl_ms",
         "p99_itl_ms", "p50_e2el_ms", "p99_e2el_ms")
@@ -50,6 +53,18 @@ class Suite:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
 
+    def write(self, root: Path, shape: str, n_adapters: int) -> tuple[Path, list[Path]]:
+        """write_model; on CUDA in a child process, so this one never holds GPU memory the server needs."""
+        if self.device == "cpu":
+            return write_model(root, shape, "cpu", n_adapters)
+        child = multiprocessing.get_context("spawn").Process(target=write_model, args=(root, shape, self.device,
+                                                                                       n_adapters))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"writing the {shape} model failed (exit {child.exitcode})")
+        return root / "model", [root / f"a{i}" for i in range(n_adapters)]
+
     def serve_flags(self, model: Path, max_loras: int) -> list[str]:
         flags = ["--model", str(model), "--max-loras", str(max_loras), "--max-lora-rank", "16",
                  "--max-cpu-loras", str(max(64, max_loras)), "--grace-period", "5"]
@@ -61,7 +76,7 @@ class Suite:
         """One ``loraplex bench serve`` run (in this process); its result, with the command that repeats it."""
         argv = ["serve", "--endpoint", endpoint, "--label", label, "--save-result", "--result-dir",
                 str(self.runs_dir), "--result-filename", f"{label}.json", "--disable-tqdm", *flags,
-                *(["--plot"] if plot else [])]
+                *(["--plot"] if plot and PLOTS else [])]
         result = asyncio.run(bench_serve(build_parser().parse_args(argv)))
         result["command"] = "loraplex bench " + shlex.join(argv)
         Path(result["result_path"]).write_text(json.dumps(result, indent=1))
@@ -71,7 +86,7 @@ class Suite:
 
     def sglang(self) -> dict[str, Any]:
         smoke = self.args.smoke
-        model, adapters = write_model(self.work / "llama", "tiny-llama" if smoke else "llama2-7b", self.device, 4)
+        model, adapters = self.write(self.work / "llama", "tiny-llama" if smoke else "llama2-7b", 4)
         preload = [f for i, a in enumerate(adapters) for f in ("--preload", f"lora{i}={a}")]
         stack = start_serve([*self.serve_flags(model, 4), *preload], self.out, "serve-llama")
         try:
@@ -91,7 +106,7 @@ class Suite:
 
     def qwen(self) -> dict[str, Any]:
         smoke = self.args.smoke
-        model, adapters = write_model(self.work / "qwen", "tiny-qwen3" if smoke else "qwen3-0.6b", self.device, 1)
+        model, adapters = self.write(self.work / "qwen", "tiny-qwen3" if smoke else "qwen3-0.6b", 1)
         n_adapters = 4 if smoke else 64
         stack = start_serve(self.serve_flags(model, n_adapters), self.out, "serve-qwen")
         try:
@@ -142,7 +157,7 @@ class Suite:
         cross = crossing_rate(points, TTFT_LIMIT_MS)
         half = (cross if cross is not None else points[-1][0]) / 2
         at_half = self.bench(f"qwen-{name}-half", endpoint, [*self.qwen_workload(half), *mix], plot=True)
-        png = vs_rate_plot(results, self.runs_dir / f"qwen-{name}-sweep")
+        png = vs_rate_plot(results, self.runs_dir / f"qwen-{name}-sweep") if PLOTS else []
         return {"rates": [p[0] for p in points], "p99_ttft_ms": [p[1] for p in points],
                 "output_throughput": [r["runs"][0]["summary"]["output_throughput"] for r in results],
                 "p99_ttft_crosses_1s_at": cross, "half_rate": {"rate": half, **pick(at_half)},
@@ -172,14 +187,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         suite = Suite(args, args.out, Path(tmp))
         report: dict[str, Any] = {
-            "device": torch.cuda.get_device_name(0) if suite.device == "cuda" else "cpu",
-            "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "smoke": args.smoke,
+            "device": suite.device, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "smoke": args.smoke,
             "command": "bash bench/serve_suite.sh " + shlex.join(sys.argv[1:]),
         }
         for name in ("sglang", "qwen"):
             if args.suite in (name, "all"):
                 report[name] = getattr(suite, name)()
                 (args.out / "serve_suite.json").write_text(json.dumps(report, indent=1))
+        if suite.device == "cuda":  # only now: a CUDA context here would have taken memory from the servers
+            report["device"] = torch.cuda.get_device_name(0)
+        report["plots"] = PLOTS
+        (args.out / "serve_suite.json").write_text(json.dumps(report, indent=1))
     (args.out / "serve_suite.md").write_text(markdown(report))
     print(markdown(report))
 
