@@ -6,6 +6,7 @@
     loraplex info
     loraplex tokenize [--chat] TEXT | detokenize ID... | abort REQUEST_ID | load | reset-prefix-cache
     loraplex gateway --backend HOST:PORT ...
+    loraplex bench serve --endpoint grpc://HOST:PORT ...   (loraplex.clients.bench)
 
 Only ``serve`` imports torch (lazily); the client commands use ``loraplex.clients``.
 """
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control(sub)
     sub.add_parser("gateway", help="run the OpenAI-compatible REST gateway (see `loraplex gateway --help`)",
                    add_help=False)
+    sub.add_parser("bench", help="benchmark a running server (see `loraplex bench serve --help`)", add_help=False)
     return parser
 
 
@@ -289,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "gateway":
         return run_gateway(argv[1:])
+    if argv and argv[0] == "bench":
+        from loraplex.clients.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

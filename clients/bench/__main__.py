@@ -1,0 +1,5 @@
+import sys
+
+from loraplex.clients.bench.cli import main
+
+sys.exit(main())
