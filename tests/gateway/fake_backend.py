@@ -126,7 +126,8 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
 
     async def GetServerInfo(self, request, context):  # noqa: N802
         return pb.GetServerInfoResponse(model=BASE, version="test",
-                                        limits=pb.Limits(max_model_len=MAX_MODEL_LEN, max_logprobs=20))
+                                        limits=pb.Limits(max_model_len=MAX_MODEL_LEN, max_logprobs=20,
+                                                         max_stop_strings=16))
 
 
 def _logprobs(piece: str, params: pb.SamplingParameters) -> list[pb.TokenLogprob]:
