@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.responses import Response
 
 from loraplex.gateway.protocol import (
     ChatCompletionRequest,
@@ -68,11 +69,16 @@ def route_doc(path: str) -> dict[str, Any]:
     doc = _DOCS[path.replace("{model:path}", "{model}")]
     responses: dict[int | str, Any] = {"default": _ERROR}
     if doc["ok"] is not None:
-        responses[200] = {"description": "Success", "content": doc["ok"]}
+        responses[200] = {"description": "Success", **({"content": doc["ok"]} if doc["ok"] else {})}
     extra: dict[str, Any] = {}
     if "body" in doc:
         extra["requestBody"] = {"required": True, "content": _json(_ref(doc["body"]))}
-    return {"summary": doc["summary"], "responses": responses, "openapi_extra": extra or None}
+    if "{model" in path:
+        extra["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"},
+                                "description": "the base model's id or an adapter's name"}]
+    # response_class without a media type: FastAPI adds no content the route does not declare
+    return {"summary": doc["summary"], "responses": responses, "openapi_extra": extra or None,
+            "response_class": Response}
 
 
 def install_openapi(app: FastAPI, *, secured: bool) -> None:
