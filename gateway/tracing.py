@@ -72,15 +72,18 @@ def setup_tracing(environ: Mapping[str, str] | None = None) -> TracerProvider | 
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({} if _names_service(env) else {"service.name": SERVICE_NAME})
+    resource = Resource.create({"service.name": _service_name(env)} if _service_name(env) else {})
     provider = SdkTracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     _say(f"tracing on: spans of service {resource.attributes.get('service.name')!s} go to {where}")
     return provider
 
 
-def _names_service(env: Mapping[str, str]) -> bool:
-    return bool(env.get("OTEL_SERVICE_NAME")) or "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+def _service_name(env: Mapping[str, str]) -> str | None:
+    """OTEL_SERVICE_NAME, else None when OTEL_RESOURCE_ATTRIBUTES names it (the SDK reads it), else ours."""
+    if env.get("OTEL_SERVICE_NAME"):
+        return env["OTEL_SERVICE_NAME"]
+    return None if "service.name=" in env.get("OTEL_RESOURCE_ATTRIBUTES", "") else SERVICE_NAME
 
 
 def _exporter_from_env(env: Mapping[str, str]) -> tuple[Any, str]:
