@@ -25,7 +25,8 @@ from loraplex.gateway.config import GatewayConfig
 
 API_KEY_ENV = "LORAPLEX_API_KEY"
 BACKEND_TOKEN_ENV = "LORAPLEX_BACKEND_TOKEN"
-METAVARS = {"backend": "HOST:PORT", "backend_dns": "NAME:PORT", "cors_origins": "ORIGINS"}
+METAVARS = {"backend": "HOST:PORT", "backend_dns": "NAME:PORT", "cors_origins": "ORIGINS", "backend_ca": "PATH",
+            "backend_cert": "PATH", "backend_key": "PATH", "api_key": "KEY", "backend_token": "TOKEN"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from gateway_harness import GatewayHarness
 from loraplex.gateway.config import GatewayConfig
 
 USER = [{"role": "user", "content": "hi"}]
-TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+TOOL: dict[str, Any] = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
 LONE = "a\ud800b"
 
 
@@ -25,7 +25,7 @@ def post(gw: GatewayHarness, path: str, body: dict[str, Any], **kw: Any) -> http
                       timeout=30, **kw)
 
 
-SURROGATE_CASES = [
+SURROGATE_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": LONE}]}, "messages.[0].content"),
     ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": [{"type": "text",
                                                                                         "text": LONE}]}]},
