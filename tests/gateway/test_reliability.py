@@ -55,7 +55,9 @@ def test_lone_surrogates_are_400_naming_the_field(gw: GatewayHarness, path: str,
 
 
 def test_a_request_without_model_is_400(gw: GatewayHarness) -> None:
-    for path, body in [("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "hi"})]:
+    cases: list[tuple[str, dict[str, Any]]] = [("/v1/chat/completions", {"messages": USER}),
+                                               ("/v1/completions", {"prompt": "hi"})]
+    for path, body in cases:
         r = post(gw, path, body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
 
