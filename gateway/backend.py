@@ -58,7 +58,14 @@ class Fanout:
                          for r in self._requests]
         firsts = [asyncio.ensure_future(_first(s)) for s in self._streams]
         # the first refusal (a full queue, a bad field) answers at once; the other calls are cancelled
-        await asyncio.wait(firsts, return_when=asyncio.FIRST_EXCEPTION)
+        try:
+            await asyncio.wait(firsts, return_when=asyncio.FIRST_EXCEPTION)
+        except BaseException:  # cancelled (the client left): end the calls and release the backend
+            for f in firsts:
+                f.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self.close())
+            raise
         failed = next((f for f in firsts if f.done() and not f.cancelled() and f.exception() is not None), None)
         if failed is not None:
             for f in firsts:
