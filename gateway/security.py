@@ -97,8 +97,8 @@ def _is_text(text: str) -> bool:
 
 def _surrogate_error(path: tuple[Any, ...]) -> OpenAIError:
     param = loc_to_param(path)
-    where = f"'{param}'" if param else "the request body"
-    return OpenAIError(400, f"Invalid {where}: the string contains a lone UTF-16 surrogate, which is not "
+    where = f" in '{param}'" if param else ""
+    return OpenAIError(400, f"The request body holds a string with a lone UTF-16 surrogate{where}, which is not "
                             "valid Unicode.", param=param, code="invalid_value")
 
 
