@@ -16,7 +16,7 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from loraplex.gateway.errors import OpenAIError, from_grpc
+from loraplex.gateway.errors import OpenAIError, from_grpc, model_not_found
 from loraplex.gateway.protocol import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from loraplex.gateway.responses import ModelCard, ModelList
 from loraplex.gateway.security import read_json
@@ -36,8 +36,8 @@ def _first_error(results: list[T | BaseException]) -> BaseException | None:
     return next((r for r in results if isinstance(r, BaseException)), None)
 
 
-async def list_models(request: Request) -> Response:
-    state: GatewayState = request.app.state.gateway
+async def _model_cards(state: GatewayState) -> list[ModelCard]:
+    """The base model, then every adapter (by name); no server paths (``root`` is the model's own id)."""
     info = await state.model_info()
     results = await _on_every_backend(state, lambda c: c.list_adapters())
     lists = [r for r in results if not isinstance(r, BaseException)]
@@ -47,11 +47,23 @@ async def list_models(request: Request) -> Response:
             raise from_grpc(error) from None
         assert error is not None
         raise error
-    adapters = {a.name: a for listed in reversed(lists) for a in listed}  # the first backend's entry wins
-    cards = [ModelCard(id=info.name, root=info.name, max_model_len=info.max_model_len or None)]
-    cards += [ModelCard(id=a.name, root=a.source, parent=info.name) for a in sorted(adapters.values(),
-                                                                                   key=lambda a: a.name)]
+    names = sorted({a.name for listed in lists for a in listed})
+    cards = [ModelCard(id=info.name, root=info.name, max_model_len=info.limits.max_model_len or None)]
+    return cards + [ModelCard(id=name, root=name, parent=info.name) for name in names]
+
+
+async def list_models(request: Request) -> Response:
+    cards = await _model_cards(request.app.state.gateway)
     return JSONResponse(ModelList(data=cards).model_dump())
+
+
+async def retrieve_model(request: Request) -> Response:
+    """``GET /v1/models/{model}``: one card, or 404 in OpenAI's shape."""
+    model = request.path_params["model"]
+    card = next((c for c in await _model_cards(request.app.state.gateway) if c.id == model), None)
+    if card is None:
+        raise model_not_found(model)
+    return JSONResponse(card.model_dump())
 
 
 async def load_lora_adapter(request: Request) -> Response:

@@ -10,7 +10,7 @@ torch, transformers or server code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
@@ -24,34 +24,43 @@ from starlette.responses import JSONResponse, Response
 
 from loraplex import __version__
 from loraplex.clients import AsyncClient
-from loraplex.gateway.adapters import list_models, load_lora_adapter, unload_lora_adapter
+from loraplex.gateway.adapters import list_models, load_lora_adapter, retrieve_model, unload_lora_adapter
 from loraplex.gateway.chat import create_chat_completion
 from loraplex.gateway.completions import create_completion
 from loraplex.gateway.config import GatewayConfig
-from loraplex.gateway.errors import OpenAIError
+from loraplex.gateway.errors import BACKEND_UNREACHABLE, OpenAIError
 from loraplex.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from loraplex.gateway.openapi import OPENAPI_PATH, UNSUPPORTED_ROUTES, install_openapi, route_doc
+from loraplex.gateway.request_id import RequestIdMiddleware
 from loraplex.gateway.routing import Router
 from loraplex.gateway.security import ApiKeyMiddleware
 from loraplex.gateway.state import BackendClient, GatewayState
 from loraplex.gateway.tracing import get_tracer
 
-ClientFactory = Callable[[GatewayConfig, str], BackendClient]
+
+def reconnect_options(max_seconds: float) -> list[tuple[str, int]]:
+    """gRPC's reconnect backoff (1 s initial, x1.6, capped at 120 s by default) capped at ``max_seconds``,
+    so a backend that comes back is used again within seconds, not minutes."""
+    cap = max(50, int(max_seconds * 1000))
+    return [("grpc.initial_reconnect_backoff_ms", min(cap, 100)), ("grpc.min_reconnect_backoff_ms", min(cap, 100)),
+            ("grpc.max_reconnect_backoff_ms", cap)]
 
 
-def backend_client(config: GatewayConfig, address: str) -> BackendClient:
-    return AsyncClient(address, token=config.backend_token, root_certificates=config.backend_ca,
-                       private_key=config.backend_key, certificate_chain=config.backend_cert)
-
-
-def create_app(config: GatewayConfig, *, client_factory: ClientFactory = backend_client,
-               tracer_provider: TracerProvider | None = None) -> FastAPI:
-    """The gateway app; the backend clients are made at startup (and as DNS changes) and closed at shutdown."""
+def create_app(config: GatewayConfig, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The gateway app; the backend clients are made at startup (and as DNS changes) and closed at shutdown.
+    Raises ConfigError when a certificate file cannot be read."""
     metrics = GatewayMetrics()
     tracer = get_tracer(tracer_provider)
+    tls = config.tls()
+    options = reconnect_options(config.backend_reconnect_seconds)
+
+    def client(address: str) -> BackendClient:
+        return AsyncClient(address, token=config.backend_token, root_certificates=tls.root_certificates,
+                           private_key=tls.private_key, certificate_chain=tls.certificate_chain, options=options)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        router = Router(lambda address: client_factory(config, address), static=config.static_backends(),
+        router = Router(client, static=config.static_backends(),
                         dns=config.backend_dns, refresh_seconds=config.backend_refresh_seconds,
                         health_seconds=config.backend_health_seconds,
                         max_imbalance=config.affinity_max_imbalance, metrics=metrics)
@@ -63,30 +72,45 @@ def create_app(config: GatewayConfig, *, client_factory: ClientFactory = backend
             await router.close()
 
     app = FastAPI(title="loraplex OpenAI gateway", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=OPENAPI_PATH)
     _add_routes(app, metrics)
+    install_openapi(app, secured=bool(config.api_key))
     _add_error_handlers(app)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "traceparent", "tracestate"])
+                           allow_headers=["Authorization", "Content-Type", "traceparent", "tracestate",
+                                          "x-request-id"], expose_headers=["x-request-id"])
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 
 def _add_routes(app: FastAPI, metrics: GatewayMetrics) -> None:
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/v1/completions", create_completion, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", create_chat_completion, methods=["POST"])
-    app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"])
-    app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])
-    app.add_api_route("/health", health, methods=["GET"])
+    for path, handler, method in [
+        ("/v1/models", list_models, "GET"),
+        ("/v1/models/{model:path}", retrieve_model, "GET"),
+        ("/v1/completions", create_completion, "POST"),
+        ("/v1/chat/completions", create_chat_completion, "POST"),
+        ("/v1/load_lora_adapter", load_lora_adapter, "POST"),
+        ("/v1/unload_lora_adapter", unload_lora_adapter, "POST"),
+        ("/health", health, "GET"),
+    ]:
+        app.add_api_route(path, handler, methods=[method], **route_doc(path))
+    for path in UNSUPPORTED_ROUTES:
+        app.add_api_route(path, not_supported, methods=["POST"], **route_doc(path))
 
     async def metrics_route() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route("/metrics", metrics_route, methods=["GET"])
+    app.add_api_route("/metrics", metrics_route, methods=["GET"], **route_doc("/metrics"))
+
+
+async def not_supported(request: Request) -> Response:
+    """OpenAI endpoints this gateway does not implement: OpenAI's error shape, not a bare 404."""
+    return _error(OpenAIError(404, f"{request.url.path} is not supported by this server (a loraplex gateway "
+                                   "serves completions and chat completions).", code="unsupported_endpoint"))
 
 
 async def health(request: Request) -> Response:
@@ -103,8 +127,7 @@ async def health(request: Request) -> Response:
         exc = unreachable[0]
         if not isinstance(exc, grpc.RpcError):
             raise exc
-        detail = exc.details() if hasattr(exc, "details") else str(exc)  # type: ignore[attr-defined]
-        return _error(OpenAIError(503, f"backend unreachable: {detail}", code="backend_unavailable"))
+        return _error(OpenAIError(503, BACKEND_UNREACHABLE, code="backend_unavailable"))
     return _error(OpenAIError(503, "backend is not serving", code="backend_not_serving"))
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
 from loraplex.clients import pb
+from loraplex.clients.common import Metadata
 from loraplex.gateway.errors import OpenAIError, from_grpc
-
-Metadata = Sequence[tuple[str, str]]
 
 
 class GenerateClient(Protocol):
@@ -34,21 +33,6 @@ class Event:
     index: int
     response: pb.GenerateResponse | None = None
     error: OpenAIError | None = None
-
-
-@dataclass
-class Folded:
-    """One call's whole answer: its text, logprobs and final message (reason, usage, error)."""
-
-    text: str = ""
-    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
-    final: pb.GenerateResponse = field(default_factory=pb.GenerateResponse)
-
-    def add(self, response: pb.GenerateResponse) -> None:
-        self.text += response.text
-        self.logprobs.extend(response.logprobs)
-        if response.finished:
-            self.final = response
 
 
 class Fanout:
@@ -72,12 +56,24 @@ class Fanout:
         """Starts every call and waits for each one's first message; raises OpenAIError."""
         self._streams = [self._client.generate_stream(r, timeout=self._timeout, metadata=self._metadata)
                          for r in self._requests]
-        results = await asyncio.gather(*(_first(s) for s in self._streams), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
+        firsts = [asyncio.ensure_future(_first(s)) for s in self._streams]
+        # the first refusal (a full queue, a bad field) answers at once; the other calls are cancelled
+        try:
+            await asyncio.wait(firsts, return_when=asyncio.FIRST_EXCEPTION)
+        except BaseException:  # cancelled (the client left): end the calls and release the backend
+            for f in firsts:
+                f.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self.close())
+            raise
+        failed = next((f for f in firsts if f.done() and not f.cancelled() and f.exception() is not None), None)
+        if failed is not None:
+            for f in firsts:
+                f.cancel()
+            await asyncio.gather(*firsts, return_exceptions=True)
             await self.close()
-            raise self._map(errors[0])
-        self._firsts = [r for r in results if isinstance(r, pb.GenerateResponse)]
+            raise self._map(failed.exception())  # type: ignore[arg-type]
+        self._firsts = [f.result() for f in firsts]
 
     async def events(self) -> AsyncIterator[Event]:
         """Every message of every call, in arrival order; ends when all calls finished."""
@@ -134,15 +130,3 @@ async def _first(stream: AsyncIterator[pb.GenerateResponse]) -> pb.GenerateRespo
         return await stream.__anext__()
     except StopAsyncIteration:
         raise OpenAIError(502, "the backend ended the stream without a message", code="bad_gateway") from None
-
-
-@contextlib.asynccontextmanager
-async def fanout(client: GenerateClient, requests: list[pb.GenerateRequest], *, model: str,
-                 timeout: float | None = None, metadata: Metadata | None = None) -> AsyncIterator[Fanout]:
-    """Opens the calls; always cancels what is left on exit (also on cancellation)."""
-    fan = Fanout(client, requests, model=model, timeout=timeout, metadata=metadata)
-    try:
-        await fan.open()
-        yield fan
-    finally:
-        await asyncio.shield(fan.close())

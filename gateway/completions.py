@@ -8,11 +8,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from loraplex.clients import pb
-from loraplex.gateway import sse
-from loraplex.gateway.backend import Folded
-from loraplex.gateway.chat import finish_reason, stop_reason
-from loraplex.gateway.errors import OpenAIError, bad_request
+from loraplex.clients import GenerateResult, pb
+from loraplex.gateway.endpoint import GenerationEndpoint, finish_reason, stop_reason
+from loraplex.gateway.errors import bad_request
 from loraplex.gateway.logprobs import completion_logprobs
 from loraplex.gateway.protocol import CompletionRequest
 from loraplex.gateway.responses import (
@@ -21,42 +19,35 @@ from loraplex.gateway.responses import (
     CompletionChunkChoice,
     CompletionLogprobs,
     CompletionResponse,
-    Usage,
-    new_id,
-    now,
 )
-from loraplex.gateway.security import read_json
-from loraplex.gateway.serving import respond, total_usage, validate
+from loraplex.gateway.serving import handle
 from loraplex.gateway.state import GatewayState, Target
 from loraplex.gateway.translate import completion_requests
-
-ROUTE = "/v1/completions"
 
 
 @dataclass
 class _Choice:
     echo: str  # the prompt text still to prepend (echo=true), sent with the first delta
     offset: int = 0  # text_offset of the next token
-    usage: pb.Usage | None = None
 
 
-class CompletionEndpoint:
-    route = ROUTE
+class CompletionEndpoint(GenerationEndpoint):
+    route = "/v1/completions"
+    operation = "text_completion"
+    id_prefix = "cmpl"
+    chunk_type = CompletionChunk
+    response_type = CompletionResponse
+    req: CompletionRequest
 
-    def __init__(self, req: CompletionRequest, target: Target) -> None:
+    def __init__(self, req: CompletionRequest, target: Target, state: GatewayState, request_id: str) -> None:
         _check_echo(req)
-        self.req = req
-        self.model = target.model
-        self.adapter = target.adapter
-        self.stream = req.stream
-        self.id = new_id("cmpl")
-        self.created = now()
         prompts = req.prompts()
+        super().__init__(req, target, state, request_id, num_choices=len(prompts) * req.n, per_prompt=req.n)
         self._choices = [_Choice(echo=p if req.echo and isinstance(p, str) else "")
                          for p in prompts for _ in range(req.n)]
 
     def requests(self) -> list[pb.GenerateRequest]:
-        return completion_requests(self.req, adapter=self.adapter, request_id=self.id)
+        return completion_requests(self.req, adapter=self.adapter, request_id=self.request_id)
 
     def on_response(self, index: int, response: pb.GenerateResponse) -> list[str]:
         choice = self._choices[index]
@@ -67,20 +58,12 @@ class CompletionEndpoint:
             choice.echo = ""
             out.append(self._chunk(index, text, logprobs))
         if response.finished:
-            choice.usage = response.usage
-            out.append(self._chunk(index, "", None, finish_reason(response, False)))
+            reason = self.finished(index, response.usage, finish_reason(response.finish_reason))
+            out.append(self._chunk(index, "", None, reason))
         return out
 
-    def stream_end(self) -> list[str]:
-        if not self.req.include_usage:
-            return []
-        chunk = CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=self.usage())
-        return [sse.event(chunk)]
-
     def _chunk(self, index: int, text: str, logprobs: CompletionLogprobs | None, reason: str | None = None) -> str:
-        choice = CompletionChunkChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
-        chunk = CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
-        return sse.event(chunk, exclude=None if self.req.include_usage else {"usage"})
+        return self.chunk(CompletionChunkChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason))
 
     def _logprobs(self, choice: _Choice, entries: list[pb.TokenLogprob]) -> CompletionLogprobs | None:
         """This delta's logprobs; offsets count in the returned text (the echoed prompt included)."""
@@ -90,20 +73,12 @@ class CompletionEndpoint:
         choice.offset += len(choice.echo) + sum(len(e.token) for e in entries)
         return out
 
-    def response(self, results: list[Folded]) -> CompletionResponse:
-        choices = [self._choice(i, r) for i, r in enumerate(results)]
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=self.usage())
-
-    def _choice(self, index: int, result: Folded) -> CompletionChoice:
+    def choice(self, index: int, result: GenerateResult) -> CompletionChoice:
         choice = self._choices[index]
-        choice.usage = result.final.usage
         logprobs = self._logprobs(choice, result.logprobs)
+        reason = self.finished(index, result.usage, finish_reason(result.finish_reason))
         return CompletionChoice(index=index, text=choice.echo + result.text, logprobs=logprobs,
-                                finish_reason=finish_reason(result.final, False), stop_reason=stop_reason(result.final))
-
-    def usage(self) -> Usage:
-        return total_usage([c.usage for c in self._choices], per_prompt=self.req.n)
+                                finish_reason=reason, stop_reason=stop_reason(result))
 
 
 def _check_echo(req: CompletionRequest) -> None:
@@ -117,16 +92,4 @@ def _check_echo(req: CompletionRequest) -> None:
 
 
 async def create_completion(request: Request) -> Response:
-    state: GatewayState = request.app.state.gateway
-    span = state.span(f"POST {ROUTE}", request.headers)
-    try:
-        req = validate(CompletionRequest, await read_json(request, state.config.max_request_bytes))
-        target = await state.target(req.model)
-        span.set("gen_ai.request.model", target.model)
-        return await respond(request, state, CompletionEndpoint(req, target), span)
-    except OpenAIError as err:
-        span.end(err.status, err.message)
-        raise
-    except Exception as exc:
-        span.end(500, repr(exc))
-        raise
+    return await handle(request, CompletionRequest, CompletionEndpoint)

@@ -7,10 +7,14 @@ with the HTTP status the OpenAI SDKs turn into their typed exceptions
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import grpc
 from pydantic import ValidationError
+
+log = logging.getLogger("loraplex.gateway")
 
 # gRPC status → (HTTP status, OpenAI error type)
 _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
@@ -65,10 +69,19 @@ def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
+BACKEND_UNREACHABLE = "The backend is unreachable; retry later."
+# gRPC's own transport messages name peers ("ipv4:10.0.0.5:50051", "unix:/run/x.sock"): never shown
+_TRANSPORT_DETAIL = re.compile(r"failed to connect|connection (refused|reset)|socket closed|\b(ipv4|ipv6|unix|dns):",
+                               re.IGNORECASE)
+
+
 def from_grpc(err: grpc.aio.AioRpcError | grpc.RpcError, *, model: str | None = None) -> OpenAIError:
     """Maps a backend status to the HTTP status and OpenAI error the SDKs expect."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(code)
+    if is_transport_failure(details):
+        log.warning("backend call failed: %s: %s", code.name, details)
+        return OpenAIError(503, BACKEND_UNREACHABLE, code="backend_unavailable", type="server_error")
     if code == grpc.StatusCode.NOT_FOUND and model is not None:
         out = model_not_found(model)
         out.message = f"{out.message} ({details})"
@@ -76,6 +89,11 @@ def from_grpc(err: grpc.aio.AioRpcError | grpc.RpcError, *, model: str | None = 
     status, err_type = _GRPC_TO_HTTP.get(code, (500, "server_error"))
     param = _param_from_details(details) if status == 400 else None
     return OpenAIError(status, details, param=param, code=code.name.lower(), type=err_type)
+
+
+def is_transport_failure(details: str) -> bool:
+    """True for gRPC's connection errors (whose text names backend addresses), not the backend's own."""
+    return bool(_TRANSPORT_DETAIL.search(details))
 
 
 def _param_from_details(details: str) -> str | None:

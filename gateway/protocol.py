@@ -11,10 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loraplex.gateway.errors import OpenAIError, bad_request
+from loraplex.gateway.unsupported import CHAT, COMPLETIONS, refuse_unsupported
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_LOGPROBS = 20
+MAX_STOP_CHARS = 256  # a sanity bound; the counts the backend allows come from GetServerInfo.limits
 MAX_N = 128
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -34,7 +33,7 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """The sampling and stopping fields both endpoints share (OpenAI names plus vLLM extras)."""
 
-    model: str | None = None
+    model: str = Field(min_length=1)
     temperature: Float | None = Field(None, ge=0, le=2)
     top_p: Float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -63,8 +62,6 @@ class SamplingFields(_Request):
         if value is None:
             return None
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences, got {len(stops)}")
         for s in stops:
             if not s:
                 raise ValueError("stop sequences must not be empty")
@@ -89,6 +86,14 @@ class SamplingFields(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def num_choices(self) -> int:
+        """How many backend calls the request fans out into."""
+        return self.n
+
+    def logprobs_asked(self) -> tuple[int | None, str]:
+        """(alternatives per token asked for, or None; the field that asks)."""
+        return None, "logprobs"
+
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -98,7 +103,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: Prompt
     max_tokens: int | None = Field(16, ge=1, le=UINT32)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
@@ -115,6 +120,12 @@ class CompletionRequest(SamplingFields):
             raise ValueError("token ids must be in [0, 2^32)")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        refuse_unsupported(data, COMPLETIONS)
+        return data
+
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
         if self.suffix:
@@ -122,6 +133,12 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of must equal n (or be left out).", "best_of")
         return self
+
+    def num_choices(self) -> int:
+        return len(self.prompts()) * self.n
+
+    def logprobs_asked(self) -> tuple[int | None, str]:
+        return self.logprobs, "logprobs"
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of single prompts (text or token ids)."""
@@ -225,13 +242,19 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1, le=UINT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        refuse_unsupported(data, CHAT)
+        return data
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -256,6 +279,9 @@ class ChatCompletionRequest(SamplingFields):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names():
             raise bad_request(f"tool_choice names function '{choice.function.name}', which is not in "
                               "'tools'.", "tool_choice.function.name")
+
+    def logprobs_asked(self) -> tuple[int | None, str]:
+        return self.top_logprobs, "top_logprobs"
 
     def tool_names(self) -> list[str]:
         return [t.function.name for t in self.tools or []]

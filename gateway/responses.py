@@ -121,7 +121,6 @@ class CompletionResponse(_Out):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -162,7 +161,6 @@ class ChatCompletionResponse(_Out):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
     model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage | None = None
 
@@ -204,7 +202,6 @@ class ChatCompletionChunk(_Out):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -221,6 +218,5 @@ class CompletionChunk(_Out):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChunkChoice]
     usage: Usage | None = None

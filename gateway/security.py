@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from loraplex.gateway.errors import OpenAIError
+from loraplex.gateway.errors import OpenAIError, loc_to_param
 
 OPEN_PATHS = frozenset({"/health"})  # probes carry no key; everything else needs it
 
@@ -60,9 +60,46 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             raise _too_large(max_bytes)
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise OpenAIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    _refuse_lone_surrogates(body)
+    return body
+
+
+def _refuse_lone_surrogates(body: Any) -> None:
+    """JSON may escape a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode text and
+    cannot reach the backend: 400 naming the first field that holds one."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                raise _surrogate_error(path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_text(key):
+                    raise _surrogate_error(path)
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
+
+
+def _is_text(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate_error(path: tuple[Any, ...]) -> OpenAIError:
+    param = loc_to_param(path)
+    where = f" in '{param}'" if param else ""
+    return OpenAIError(400, f"The request body holds a string with a lone UTF-16 surrogate{where}, which is not "
+                            "valid Unicode.", param=param, code="invalid_value")
 
 
 def _reject_constant(name: str) -> Any:

@@ -6,43 +6,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from loraplex.clients import pb
+from loraplex.clients import GenerateResult, pb
 from loraplex.gateway import sse
-from loraplex.gateway.backend import Fanout, Folded
-from loraplex.gateway.errors import OpenAIError, from_validation
-from loraplex.gateway.responses import Usage
+from loraplex.gateway.backend import Fanout
+from loraplex.gateway.endpoint import GenerationEndpoint, check_not_aborted
+from loraplex.gateway.errors import OpenAIError, bad_request, from_validation
+from loraplex.gateway.protocol import SamplingFields
+from loraplex.gateway.request_id import request_id_of
 from loraplex.gateway.routing import Backend
-from loraplex.gateway.state import GatewayState
+from loraplex.gateway.security import read_json
+from loraplex.gateway.state import GatewayState, Target
 from loraplex.gateway.tracing import RequestSpan
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", bound=SamplingFields)
 CLIENT_CLOSED = 499
 _POLL_S = 0.25
 
 
-class Endpoint(Protocol):
-    """One OpenAI request's translation, both ways."""
-
-    route: str
-    model: str
-    stream: bool
-
-    def requests(self) -> list[pb.GenerateRequest]: ...
-
-    def on_response(self, index: int, response: pb.GenerateResponse) -> list[str]: ...
-
-    def stream_end(self) -> list[str]: ...
-
-    def response(self, results: list[Folded]) -> BaseModel: ...
-
-    def usage(self) -> Usage: ...
+async def handle(request: Request, request_type: type[R],
+                 make: Callable[[R, Target, GatewayState, str], GenerationEndpoint]) -> Response:
+    """A generation route: validate, resolve the model, check the backend's limits, then respond;
+    the request's span covers it all and carries the GenAI attributes."""
+    state: GatewayState = request.app.state.gateway
+    route = request.url.path
+    span = state.span(f"POST {route}", request.headers)
+    try:
+        req = validate(request_type, await read_json(request, state.config.max_request_bytes))
+        if req.model:
+            span.set("gen_ai.request.model", req.model)
+        target = await state.target(req.model)
+        check_limits(req, (await state.model_info()).limits, state.config.max_choices)
+        endpoint = make(req, target, state, request_id_of(request))
+        endpoint.start_span(span)
+        return await respond(request, state, endpoint, span)
+    except OpenAIError as err:
+        span.end(err.status, err.message)
+        raise
+    except Exception as exc:
+        span.end(500, repr(exc))
+        raise
 
 
 def validate(model: type[M], body: Any) -> M:
@@ -54,7 +64,8 @@ def validate(model: type[M], body: Any) -> M:
         raise from_validation(exc) from None
 
 
-async def respond(request: Request, state: GatewayState, endpoint: Endpoint, span: RequestSpan) -> Response:
+async def respond(request: Request, state: GatewayState, endpoint: GenerationEndpoint,
+                  span: RequestSpan) -> Response:
     """Opens the calls (errors → HTTP status), then streams or answers in one body."""
     requests = endpoint.requests()
     start = time.perf_counter()
@@ -71,11 +82,12 @@ async def respond(request: Request, state: GatewayState, endpoint: Endpoint, spa
         return Response(status_code=CLIENT_CLOSED)
     body = endpoint.response(results)
     _count_usage(state, endpoint)
+    endpoint.annotate(span)
     span.end(200)
     return JSONResponse(body.model_dump())
 
 
-async def _open(state: GatewayState, endpoint: Endpoint, requests: list[pb.GenerateRequest],
+async def _open(state: GatewayState, endpoint: GenerationEndpoint, requests: list[pb.GenerateRequest],
                 span: RequestSpan) -> Fanout:
     """Opens all n calls on one backend (the adapter's affinity choice, or the least loaded); when
     that backend is unavailable and others are known, marks it unhealthy and tries the next once."""
@@ -97,18 +109,19 @@ async def _open(state: GatewayState, endpoint: Endpoint, requests: list[pb.Gener
             raise
 
 
-async def _collect(fan: Fanout, n: int) -> list[Folded]:
-    results = [Folded() for _ in range(n)]
+async def _collect(fan: Fanout, n: int) -> list[GenerateResult]:
+    results = [GenerateResult() for _ in range(n)]
     async for event in fan.events():
         if event.error is not None:
             raise event.error
         assert event.response is not None
+        check_not_aborted(event.response)
         results[event.index].add(event.response)
     return results
 
 
 async def _collect_or_disconnect(request: Request, fan: Fanout, n: int,
-                                 state: GatewayState) -> list[Folded] | None:
+                                 state: GatewayState) -> list[GenerateResult] | None:
     """The folded results, or None when the client disconnected first (the calls are cancelled)."""
     task = asyncio.create_task(_collect(fan, n))
     try:
@@ -126,18 +139,21 @@ async def _collect_or_disconnect(request: Request, fan: Fanout, n: int,
                 await task
 
 
-async def _sse(fan: Fanout, endpoint: Endpoint, state: GatewayState, span: RequestSpan) -> AsyncIterator[str]:
+async def _sse(fan: Fanout, endpoint: GenerationEndpoint, state: GatewayState,
+               span: RequestSpan) -> AsyncIterator[str]:
     status, error = 200, None
     try:
         async for event in fan.events():
             if event.error is not None:
                 raise event.error
             assert event.response is not None
+            check_not_aborted(event.response)
             for payload in endpoint.on_response(event.index, event.response):
                 yield payload
         for payload in endpoint.stream_end():
             yield payload
         _count_usage(state, endpoint)
+        endpoint.annotate(span)
         yield sse.DONE
     except OpenAIError as err:
         status, error = err.status, err.message
@@ -159,19 +175,21 @@ async def _close(fan: Fanout) -> None:
         await asyncio.shield(fan.close())
 
 
-def _count_usage(state: GatewayState, endpoint: Endpoint) -> None:
+def _count_usage(state: GatewayState, endpoint: GenerationEndpoint) -> None:
     usage = endpoint.usage()
     state.metrics.add_usage(usage.prompt_tokens, usage.completion_tokens)
 
 
-def total_usage(usages: list[pb.Usage | None], per_prompt: int) -> Usage:
-    """Prompt tokens once per prompt (choices of one prompt share it), completion tokens summed."""
-    total = Usage()
-    for i, u in enumerate(usages):
-        if u is None:
-            continue
-        first = i % per_prompt == 0
-        total.add(u.prompt_tokens if first else 0, u.completion_tokens, u.cached_tokens if first else 0)
-    if total.prompt_tokens_details is None:
-        total.add(0, 0, 0)
-    return total
+def check_limits(req: SamplingFields, limits: pb.Limits, max_choices: int) -> None:
+    """The backend's published limits (GetServerInfo) and the gateway's choice bound, before any call."""
+    choices = req.num_choices()
+    if choices > max_choices:
+        param = "n" if choices == req.n else "prompt"
+        raise OpenAIError(400, f"This request asks for {choices} choices (prompts x n); at most {max_choices} "
+                               "are allowed per request.", param=param, code="too_many_choices")
+    if limits.max_stop_strings and len(req.stops) > limits.max_stop_strings:
+        raise bad_request(f"at most {limits.max_stop_strings} stop sequences, got {len(req.stops)}", "stop")
+    asked, param = req.logprobs_asked()
+    if limits.max_logprobs and asked is not None and asked > limits.max_logprobs:
+        raise bad_request(f"integer above maximum value. Expected a value <= {limits.max_logprobs}, but got "
+                          f"{asked} instead.", param)

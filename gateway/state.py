@@ -4,7 +4,7 @@ and the backend's model name and limits (cached for ``model_info_ttl`` seconds).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -12,6 +12,7 @@ import grpc
 from opentelemetry.trace import Tracer
 
 from loraplex.clients import pb
+from loraplex.clients.common import Metadata
 from loraplex.gateway.config import GatewayConfig
 from loraplex.gateway.errors import from_grpc
 from loraplex.gateway.metrics import GatewayMetrics
@@ -21,8 +22,6 @@ from loraplex.gateway.tracing import RequestSpan
 
 if TYPE_CHECKING:
     from loraplex.gateway.routing import Router
-
-Metadata = Sequence[tuple[str, str]]
 
 
 class BackendClient(Protocol):
@@ -48,7 +47,7 @@ class BackendClient(Protocol):
 @dataclass
 class ModelInfo:
     name: str  # the base model's id as callers see it
-    max_model_len: int
+    limits: pb.Limits  # the backend's published request limits (GetServerInfo)
     fetched_at: float
 
 
@@ -78,13 +77,13 @@ class GatewayState:
         except grpc.RpcError as exc:
             raise from_grpc(exc) from None
         name = self.config.served_model_name or server.model
-        self._info = ModelInfo(name=name, max_model_len=server.limits.max_model_len, fetched_at=time.monotonic())
+        self._info = ModelInfo(name=name, limits=server.limits, fetched_at=time.monotonic())
         return self._info
 
-    async def target(self, model: str | None) -> Target:
-        """The base model when ``model`` is empty or its name; else the adapter of that name."""
+    async def target(self, model: str) -> Target:
+        """The base model when ``model`` is its name; else the adapter of that name."""
         info = await self.model_info()
-        if not model or model == info.name:
+        if model == info.name:
             return Target(model=info.name, adapter="")
         return Target(model=model, adapter=model)
 

@@ -62,10 +62,12 @@ def stop_processes(procs: list[subprocess.Popen]) -> None:
 API_KEY = "e2e-secret"
 
 
-def start_stack(log_dir: Path) -> Stack:
+def start_serve(log_dir: Path, env: dict[str, str] | None = None) -> Stack:
+    """``loraplex serve`` alone (``env`` added to the environment); no gateway yet."""
     serve_log = log_dir / "serve.log"
     with open(serve_log, "wb") as log:
-        serve = subprocess.Popen([*loraplex_command(), "serve", *SERVE_FLAGS], stdout=subprocess.PIPE, stderr=log)
+        serve = subprocess.Popen([*loraplex_command(), "serve", *SERVE_FLAGS], stdout=subprocess.PIPE, stderr=log,
+                                 env={**os.environ, **(env or {})})
     assert serve.stdout is not None
     metrics_line = serve.stdout.readline().decode()  # "loraplex: metrics on http://<host>:<port>/metrics"
     serving_line = serve.stdout.readline().decode()  # "loraplex: serving <model> on <host>:<port>"
@@ -73,18 +75,22 @@ def start_stack(log_dir: Path) -> Stack:
         serve.kill()
         raise RuntimeError(f"serve did not start: {metrics_line!r} {serving_line!r}\n{serve_log.read_text()}")
     target = serving_line.strip().rsplit(" ", 1)[1]
-    stack = Stack(target=target, metrics_url=metrics_line.strip().rsplit(" ", 1)[1], url="", secure_url="",
-                  procs=[serve], logs=[serve_log])
+    return Stack(target=target, metrics_url=metrics_line.strip().rsplit(" ", 1)[1], url="", secure_url="",
+                 procs=[serve], logs=[serve_log])
+
+
+def start_stack(log_dir: Path) -> Stack:
+    stack = start_serve(log_dir)
     try:
-        stack.url = _start_gateway(stack, log_dir / "gateway.log", env={})
-        stack.secure_url = _start_gateway(stack, log_dir / "gateway-key.log", env={"LORAPLEX_API_KEY": API_KEY})
+        stack.url = start_gateway(stack, log_dir / "gateway.log", env={})
+        stack.secure_url = start_gateway(stack, log_dir / "gateway-key.log", env={"LORAPLEX_API_KEY": API_KEY})
     except Exception:
         stack.stop()
         raise
     return stack
 
 
-def _start_gateway(stack: Stack, log_path: Path, env: dict[str, str]) -> str:
+def start_gateway(stack: Stack, log_path: Path, env: dict[str, str]) -> str:
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*loraplex_command(), "gateway", "--backend", stack.target, "--host", "127.0.0.1",

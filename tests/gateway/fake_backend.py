@@ -4,7 +4,7 @@ One character = one token. The base model echoes the prompt (or the last chat me
 adapters: ``reverse``, ``upper``, ``think`` (``<think>…</think>`` then the echo),
 ``tools`` (a hermes tool call), ``slow`` (one token per 20 ms, up to max_tokens),
 ``crash`` (fails mid-stream), ``abort`` (ends with finish_reason "abort" and an error). Prompts ``FULL`` / ``DRAIN`` get RESOURCE_EXHAUSTED /
-UNAVAILABLE. Every request and its metadata are recorded; ``running`` counts live calls.
+UNAVAILABLE; ``WAIT`` sends its first message after 5 s. Every request and its metadata are recorded; ``running`` counts live calls.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
         if text == "DRAIN":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        if text == "WAIT":
+            await asyncio.sleep(5)
 
     async def _stream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         p = request.params
@@ -126,7 +128,8 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
 
     async def GetServerInfo(self, request, context):  # noqa: N802
         return pb.GetServerInfoResponse(model=BASE, version="test",
-                                        limits=pb.Limits(max_model_len=MAX_MODEL_LEN, max_logprobs=20))
+                                        limits=pb.Limits(max_model_len=MAX_MODEL_LEN, max_logprobs=20,
+                                                         max_stop_strings=16))
 
 
 def _logprobs(piece: str, params: pb.SamplingParameters) -> list[pb.TokenLogprob]:
@@ -149,12 +152,12 @@ class FakeHealth(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
 
-async def start_fake_backend() -> tuple[grpc.aio.Server, FakeServicer, int]:
-    """A fake backend on a free loopback port."""
+async def start_fake_backend(port: int = 0) -> tuple[grpc.aio.Server, FakeServicer, int]:
+    """A fake backend on a loopback port (a free one when ``port`` is 0)."""
     server = grpc.aio.server()
     servicer = FakeServicer()
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(FakeHealth(servicer), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, servicer, port

@@ -38,13 +38,12 @@ class GatewayHarness:
         self.thread.start()
         self.grpc_server, self.backend, grpc_port = self.run(start_fake_backend())
         self.extras = [self.run(start_fake_backend()) for _ in range(extra_backends)]  # (server, servicer, port)
-        backends = [f"127.0.0.1:{p}" for p in [grpc_port, *(e[2] for e in self.extras)]] if self.extras else []
+        backends = [f"127.0.0.1:{p}" for p in [grpc_port, *(e[2] for e in self.extras)]]
         self.spans = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(self.spans))
         port = free_port()
-        self.config = replace(config or GatewayConfig(), backend=f"127.0.0.1:{grpc_port}", backends=backends,
-                              port=port)
+        self.config = replace(config or GatewayConfig(), backend=backends, port=port)
         app = create_app(self.config, tracer_provider=provider)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="on"))

@@ -14,8 +14,9 @@ import pytest
 from e2e_stack import loraplex_command, wait_healthy
 from gateway_harness import GatewayHarness, free_port
 
+from loraplex.errors import ConfigError
 from loraplex.gateway import cli
-from loraplex.gateway.config import ConfigError, GatewayConfig
+from loraplex.gateway.config import GatewayConfig
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -26,7 +27,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 def test_defaults() -> None:
     config = cli.config_from_args(parse())
-    assert (config.backend, config.host, config.port) == ("127.0.0.1:50051", "127.0.0.1", 8000)
+    assert (config.static_backends(), config.host, config.port) == (["127.0.0.1:50051"], "127.0.0.1", 8000)
     assert config.api_key is None and config.cors_origins == [] and config.reasoning_parser == "think"
 
 
@@ -38,8 +39,8 @@ def test_flags(tmp_path: Path) -> None:
         "--backend-ca", str(ca), "--cors-origins", "https://a, https://b", "--max-request-bytes", "2048",
         "--reasoning-parser", "none", "--tool-parser", "none", "--served-model-name", "base",
         "--request-timeout", "3"))
-    assert (config.backend, config.port, config.api_key, config.backend_token) == ("b:1", 9, "k", "t")
-    assert config.backend_ca == b"PEM" and config.cors_origins == ["https://a", "https://b"]
+    assert (config.backend, config.port, config.api_key, config.backend_token) == (["b:1"], 9, "k", "t")
+    assert config.tls().root_certificates == b"PEM" and config.cors_origins == ["https://a", "https://b"]
     assert (config.max_request_bytes, config.reasoning_parser, config.tool_parser) == (2048, "none", "none")
     assert (config.served_model_name, config.request_timeout) == ("base", 3.0)
 
@@ -53,9 +54,10 @@ def test_secrets_from_the_environment_at_run_time(monkeypatch: pytest.MonkeyPatc
     assert cli.config_from_args(parse("--api-key", "flag")).api_key == "flag"
 
 
-@pytest.mark.parametrize("kwargs", [{"backend": "nocolon"}, {"port": 70000}, {"max_request_bytes": 10},
+@pytest.mark.parametrize("kwargs", [{"backend": ["nocolon"]}, {"port": 70000}, {"max_request_bytes": 10},
                                     {"reasoning_parser": "deepseek"}, {"tool_parser": "mistral"},
-                                    {"request_timeout": 0}, {"backend_cert": b"x"}])
+                                    {"request_timeout": 0}, {"backend_cert": "x.pem"}, {"max_choices": 0},
+                                    {"backend_reconnect_seconds": 0}])
 def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         GatewayConfig(**kwargs)  # type: ignore[arg-type]
@@ -82,7 +84,7 @@ def test_the_command_serves_and_stops_cleanly_on_sigterm(gw: GatewayHarness, tmp
     port = free_port()
     log = tmp_path / "gateway.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*loraplex_command(), "gateway", "--backend", gw.config.backend, "--host",
+        proc = subprocess.Popen([*loraplex_command(), "gateway", "--backend", gw.config.backend[0], "--host",
                                  "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "LORAPLEX_API_KEY": "k"})
     try:

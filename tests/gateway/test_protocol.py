@@ -48,8 +48,8 @@ OK_CHAT = [
 BAD_CHAT = [
     (chat(temperature=2.01), "temperature"), (chat(temperature=-0.1), "temperature"),
     (chat(top_p=0), "top_p"), (chat(top_p=1.01), "top_p"), (chat(n=0), "n"), (chat(n=129), "n"),
-    (chat(stop=["x"] * 17), "stop"), (chat(stop="s" * 257), "stop"), (chat(stop=[""]), "stop"),
-    (chat(logprobs=True, top_logprobs=21), "top_logprobs"), (chat(top_logprobs=2), "top_logprobs"),
+    (chat(stop="s" * 257), "stop"), (chat(stop=[""]), "stop"),
+    (chat(top_logprobs=2), "top_logprobs"), ({"messages": MSG}, "model"), (chat(model=""), "model"),
     (chat(presence_penalty=-2.5), "presence_penalty"), (chat(frequency_penalty=2.5), "frequency_penalty"),
     (chat(seed=-1), "seed"), (chat(seed=2**63), "seed"), (chat(top_k=-2), "top_k"), (chat(min_p=1.5), "min_p"),
     (chat(repetition_penalty=0), "repetition_penalty"), (chat(max_tokens=0), "max_tokens"),
@@ -69,7 +69,7 @@ BAD_CHAT = [
 ]
 
 BAD_COMPLETION = [
-    (completion(logprobs=21), "logprobs"), (completion(logprobs=-1), "logprobs"), (completion(prompt=[]), "prompt"),
+    (completion(logprobs=-1), "logprobs"), ({"prompt": "hi"}, "model"), (completion(prompt=[]), "prompt"),
     (completion(prompt=[[]]), "prompt"), (completion(prompt=[-1]), "prompt"), (completion(suffix="x"), "suffix"),
     (completion(best_of=3, n=2), "best_of"), (completion(max_tokens=0), "max_tokens"),
     ({"model": "m"}, "prompt"), (completion(n=200), "n"),

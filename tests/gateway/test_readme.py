@@ -37,7 +37,7 @@ def test_start_commands_parse() -> None:
         if argv[1] == "gateway":
             parser = argparse.ArgumentParser()
             cli.add_arguments(parser)
-            assert cli.config_from_args(parser.parse_args(argv[2:])).backend == "localhost:50051"
+            assert cli.config_from_args(parser.parse_args(argv[2:])).backend == ["localhost:50051"]
     result = subprocess.run([sys.executable, "-m", "loraplex.backend.cli", "gateway", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--backend" in result.stdout

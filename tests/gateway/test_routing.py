@@ -20,8 +20,9 @@ from e2e_stack import SERVE_FLAGS, loraplex_command, metric_value, stop_processe
 from gateway_harness import free_port
 
 from loraplex.clients import Client, pb
+from loraplex.errors import ConfigError
 from loraplex.gateway import cli
-from loraplex.gateway.config import ConfigError, GatewayConfig
+from loraplex.gateway.config import GatewayConfig
 from loraplex.gateway.errors import OpenAIError
 from loraplex.gateway.metrics import GatewayMetrics
 from loraplex.gateway.routing import Router, format_address, rendezvous_order, score
@@ -202,7 +203,7 @@ def test_cli_backends_and_dns_flags() -> None:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     one = cli.config_from_args(parser.parse_args(["--backend", "a:1"]))
-    assert (one.backend, one.backends, one.static_backends()) == ("a:1", [], ["a:1"])
+    assert (one.backend, one.static_backends()) == (["a:1"], ["a:1"])
     two = cli.config_from_args(parser.parse_args(["--backend", "a:1", "--backend", "b:2",
                                                   "--affinity-max-imbalance", "5"]))
     assert two.static_backends() == ["a:1", "b:2"] and two.affinity_max_imbalance == 5
@@ -210,7 +211,7 @@ def test_cli_backends_and_dns_flags() -> None:
     assert dns.static_backends() == [] and (dns.backend_dns, dns.backend_refresh_seconds) == ("svc:50051", 3.0)
     both = cli.config_from_args(parser.parse_args(["--backend", "a:1", "--backend-dns", "svc:50051"]))
     assert both.static_backends() == ["a:1"]
-    for bad in ({"backend_dns": "svc"}, {"backends": ["nocolon"]}, {"backend_refresh_seconds": 0},
+    for bad in ({"backend_dns": "svc"}, {"backend": ["nocolon"]}, {"backend_refresh_seconds": 0},
                 {"affinity_max_imbalance": -1}):
         with pytest.raises(ConfigError):
             GatewayConfig(**bad)  # type: ignore[arg-type]
@@ -243,8 +244,8 @@ def test_adapter_routes_reach_every_backend_and_health_needs_one() -> None:
         assert httpx.get(gw.url + "/health").json()["error"]["code"] == "backend_not_serving"
         a.serving = b.serving = True
         # a generation for an adapter goes to its owner, every time
-        owner = rendezvous_order("reverse", gw.config.backends)[0]
-        owner_servicer = a if owner == gw.config.backends[0] else b
+        owner = rendezvous_order("reverse", gw.config.backend)[0]
+        owner_servicer = a if owner == gw.config.backend[0] else b
         before = len(owner_servicer.requests)
         for _ in range(3):
             assert httpx.post(gw.url + "/v1/completions", json={"model": "reverse", "prompt": "ab"}).status_code == 200

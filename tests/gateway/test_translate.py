@@ -43,25 +43,25 @@ def test_chat_fields_reach_the_proto() -> None:
 
 
 def test_unset_fields_stay_unset() -> None:
-    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]})
     p = chat_requests(req, adapter="", request_id="r")[0].params
     for name in ("max_tokens", "temperature", "top_p", "seed", "logprobs", "repetition_penalty", "skip_special_tokens"):
         assert not p.HasField(name), name
 
 
 def test_tool_choice_none_sends_no_tools() -> None:
-    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
                                                 "tool_choice": "none"})
     assert len(chat_requests(req, adapter="", request_id="r")[0].chat.tools_json) == 0
 
 
 def test_completion_prompts_fan_out_prompt_major() -> None:
-    req = CompletionRequest.model_validate({"prompt": [[1, 2], [3]], "n": 2, "logprobs": 0, "max_tokens": 4})
+    req = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]], "n": 2, "logprobs": 0, "max_tokens": 4})
     out = completion_requests(req, adapter="", request_id="cmpl-y")
     assert [list(r.token_ids.ids) for r in out] == [[1, 2], [1, 2], [3], [3]]
     assert [r.request_id for r in out] == [f"cmpl-y-{i}" for i in range(4)]
     assert all(r.params.HasField("logprobs") and r.params.logprobs == 0 for r in out)
-    text = completion_requests(CompletionRequest.model_validate({"prompt": "hello"}), adapter="b", request_id="c")
+    text = completion_requests(CompletionRequest.model_validate({"model": "m", "prompt": "hello"}), adapter="b", request_id="c")
     assert text[0].prompt == "hello" and text[0].params.max_tokens == 16  # OpenAI's default
 
 
