@@ -108,6 +108,9 @@ class IncrementalDetokenizer:
         return self._decode_ids(self._ids[start:end])
 
     def _decode_ids(self, token_ids: list[int]) -> str:
+        fast = getattr(self.tokenizer, "_tokenizer", None)  # the Rust tokenizer: no per-call Python wrapping
+        if fast is not None:
+            return str(fast.decode(token_ids, skip_special_tokens=self.skip_special_tokens))
         text = self.tokenizer.decode(
             token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )

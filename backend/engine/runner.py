@@ -32,6 +32,51 @@ class StepResult:
     prompt_logprobs: dict[str, list[Logprob]]  # request id -> logprobs of prompt tokens in this chunk
 
 
+class StepHandle:
+    """A launched step: its sampled tokens arrive through one non-blocking device-to-host copy."""
+
+    def __init__(self, runner: ModelRunner, request_ids: list[str], states: list[RequestState],
+                 prompt_logprobs: dict[str, list[Logprob]]):
+        self.runner = runner
+        self.request_ids, self.states = request_ids, states
+        self.prompt_logprobs = prompt_logprobs
+        self.tokens: list[int] | None = None  # known at launch when the sampler ran on the host's behalf
+        self.logprobs: list[Logprob | None] | None = None
+        self._host: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+
+    def copy_to_host(self, ids: torch.Tensor) -> None:
+        if self.runner.device.type != "cuda":
+            self.tokens = ids.tolist()
+            return
+        self._host = torch.empty(ids.shape[0], dtype=torch.int64, pin_memory=True)
+        self._host.copy_(ids, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def result(self) -> StepResult:
+        """Waits for the tokens; appends them to the runner's view of each request."""
+        if self.tokens is None and self._event is not None and self._host is not None:
+            self._event.synchronize()
+            self.tokens = self._host.tolist()
+        tokens = self.tokens or []
+        logprobs = self.logprobs or [None] * len(tokens)
+        for state, token in zip(self.states, tokens, strict=True):
+            state.token_ids.append(token)
+        return StepResult(dict(zip(self.request_ids, tokens, strict=True)),
+                          dict(zip(self.request_ids, logprobs, strict=True)), self.prompt_logprobs)
+
+    @property
+    def overlappable(self) -> bool:
+        """Nothing of this step needs the host before the next step is launched."""
+        return self.tokens is None or not self.request_ids
+
+
+def take_pending(input_ids: torch.Tensor, source: torch.Tensor, last_sampled: torch.Tensor) -> torch.Tensor:
+    """input_ids[t] = last_sampled[source[t]] where source[t] >= 0 (tokens still on the device)."""
+    return torch.where(source >= 0, last_sampled[source.clamp(min=0)], input_ids)
+
+
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, seed: int, cuda_graphs: bool = False, max_model_len: int = 0,
@@ -45,12 +90,12 @@ class ModelRunner:
         self.table = RequestTable(max(2 * max_num_seqs, 8), max_blocks, block_size)
         self._allocate_kv(num_blocks + 1, dtype)  # + one dummy block for padded rows of captured steps
         self.graphs: DecodeGraphs | None = None
+        self.last_sampled = torch.zeros(max(2 * max_num_seqs, 8), dtype=torch.int64, device=device)
         if cuda_graphs and device.type == "cuda":
-            self.graphs = DecodeGraphs(model, block_size, num_blocks, max_blocks, max_num_seqs, device, with_lora)
+            self.graphs = DecodeGraphs(model, block_size, num_blocks, max_blocks, max_num_seqs, device, with_lora,
+                                       self.last_sampled)
             self.graphs.capture_all()
-        self._host_ids = torch.zeros(max(max_num_seqs, 1), dtype=torch.int64,
-                                     pin_memory=device.type == "cuda")
-        self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._pending_rows: dict[str, int] = {}  # request id -> its row in last_sampled (the last step's token)
 
     @staticmethod
     def bytes_per_block(model: DecoderModel, block_size: int, dtype: torch.dtype) -> int:
@@ -68,24 +113,47 @@ class ModelRunner:
     # ---- one step
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        """Runs one step and waits for its tokens."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> StepHandle:
+        """Enqueues one step on the device and returns at once when its sampling needs nothing from the
+        host (greedy rows without logprobs or penalties); ``result()`` waits for the tokens. A decode row
+        whose previous token is still on its way reads it from the device (``last_sampled``)."""
         self.table.update(out)
-        result = StepResult({}, {}, {})
+        handle = StepHandle(self, [], [], {})
         if not out.requests:
-            return result
+            return handle
         inputs = self.table.build(out)
+        source = self._pending_sources(inputs)
         if inputs.is_decode and self.graphs is not None and self.graphs.fits(len(inputs.requests)):
-            logits, greedy = self.graphs.run(inputs)
+            logits, greedy = self.graphs.run(inputs, source)
         else:
-            hidden = self._forward_eager(inputs)
-            self._prompt_logprobs(hidden, inputs, result)
+            hidden = self._forward_eager(inputs, source)
+            for request_id, (rows, next_ids, k) in inputs.prompt_rows.items():
+                handle.prompt_logprobs[request_id] = prompt_logprobs(
+                    self.model.compute_logits(hidden[rows]), torch.tensor(next_ids, device=hidden.device), k)
             logits = self.model.compute_logits(hidden[inputs.sample_rows]) if inputs.sample_rows else None
             greedy = None
         if inputs.sample_rows:
             assert logits is not None
-            self._sample(logits, greedy, inputs, result)
-        return result
+            self._sample(logits, greedy, inputs, handle)
+        return handle
 
-    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+    def _pending_sources(self, inputs: StepInputs) -> np.ndarray | None:
+        """[T] row of ``last_sampled`` holding each token whose value the host does not know yet, else -1."""
+        if not self._pending_rows:
+            return None
+        source = np.full(len(inputs.input_ids), -1, dtype=np.int64)
+        ends = np.cumsum(inputs.query_lens) - 1
+        for i, r in enumerate(inputs.requests):
+            row = self._pending_rows.get(r.request_id)
+            if row is not None and r.start + r.num_new_tokens > len(inputs.states[i].token_ids):
+                source[ends[i]] = row
+        return source if (source >= 0).any() else None
+
+    def _forward_eager(self, inputs: StepInputs, source: np.ndarray | None) -> torch.Tensor:
         dev = self.device
 
         def put(a: np.ndarray) -> torch.Tensor:
@@ -98,51 +166,35 @@ class ModelRunner:
         lora = None
         if (inputs.token_slots >= 0).any():
             lora = LoRABatchMeta.build(torch.from_numpy(inputs.token_slots), dev)
+        input_ids = put(inputs.input_ids)
+        if source is not None:
+            input_ids = take_pending(input_ids, put(source), self.last_sampled)
         with forward_context(ForwardContext(attn, lora)):
-            return self.model(put(inputs.input_ids), put(inputs.positions))
+            return self.model(input_ids, put(inputs.positions))
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor | None, inputs: StepInputs,
-                result: StepResult) -> None:
+                handle: StepHandle) -> None:
         """logits: [R, V] of the sampling rows; greedy: their argmax when the graph computed it."""
         rows = [i for i, r in enumerate(inputs.requests) if r.samples]
         states = [inputs.states[i] for i in rows]
+        handle.request_ids = [inputs.requests[i].request_id for i in rows]
+        handle.states = states
         params = [s.params for s in states]
-        lps: list[Logprob | None] = [None] * len(rows)
         blocked = [s.blocked_tokens() for s in states]
         if all(_plain_greedy(p) for p in params) and not any(blocked):
             ids = greedy if greedy is not None else logits.argmax(dim=-1)
-            tokens = self._to_host(ids)
         else:
             generators = [self._generator(s) for s in states]
             batch = SamplingBatch.build(params, [s.prompt_token_ids for s in states],
                                         [s.output_token_ids for s in states], generators, self.vocab_size,
                                         self.device, blocked=blocked)
             sampled = self.sampler(logits.float(), batch)
-            tokens, lps = sampled.token_ids, sampled.logprobs
-        for i, token, lp in zip(rows, tokens, lps, strict=True):
-            request_id = inputs.requests[i].request_id
-            inputs.states[i].token_ids.append(token)
-            result.sampled[request_id] = token
-            result.logprobs[request_id] = lp
-
-    def _to_host(self, ids: torch.Tensor) -> list[int]:
-        """One non-blocking device-to-host copy into pinned memory, then a wait on its event."""
-        if self._copied is None:
-            return ids.tolist()
-        n = ids.shape[0]
-        if n > self._host_ids.shape[0]:
-            self._host_ids = torch.zeros(n, dtype=torch.int64, pin_memory=True)
-        host = self._host_ids[:n]
-        host.copy_(ids, non_blocking=True)
-        self._copied.record()
-        self._copied.synchronize()
-        return host.tolist()
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
-        for request_id, (rows, next_ids, k) in inputs.prompt_rows.items():
-            logits = self.model.compute_logits(hidden[rows])
-            result.prompt_logprobs[request_id] = prompt_logprobs(
-                logits, torch.tensor(next_ids, device=logits.device), k)
+            handle.tokens, handle.logprobs = sampled.token_ids, sampled.logprobs
+            ids = torch.tensor(sampled.token_ids, dtype=torch.int64, device=self.device)
+        self.last_sampled[:len(rows)].copy_(ids)
+        self._pending_rows = dict(zip(handle.request_ids, range(len(rows)), strict=True))
+        if handle.tokens is None:
+            handle.copy_to_host(ids)
 
     def _generator(self, state: RequestState) -> torch.Generator | None:
         if state.params.seed is None:

@@ -25,7 +25,8 @@ def test_bf16_logits_close_to_fp32_reference(tmp_path, arch):
     hf = load_hf(base_dir)
     adapter = make_peft_adapter(hf, tmp_path / "a", r=16, alpha=32, targets="all-linear", seed=1)
     refs = {None: hf, "a": PeftModel.from_pretrained(copy.deepcopy(hf), adapter).eval()}
-    llm = LLM(str(base_dir), dtype="bfloat16", device="cuda", kv_cache_memory_bytes=2**28, max_lora_rank=16)
+    llm = LLM(str(base_dir), dtype="bfloat16", device="cuda", kv_cache_memory_bytes=2**28, max_lora_rank=16,
+              adapter_roots=[str(tmp_path)])
     llm.load_adapter("a", str(adapter))
     captured: list[torch.Tensor] = []
     model = llm.engine.runner.model
@@ -52,7 +53,7 @@ def test_cuda_graph_decode_matches_eager(tmp_path):
     names = [None, "a0", "a1", "a2", "a0", None, "a2", "a1", "a0"]
     outs = {}
     for eager in (True, False):
-        llm = LLM(str(base_dir), dtype="float32", device="cuda", kv_cache_memory_bytes=2**26, max_lora_rank=16,
+        llm = LLM(str(base_dir), dtype="float32", device="cuda", kv_cache_memory_bytes=2**26, max_lora_rank=16, adapter_roots=[str(tmp_path)],
                   enforce_eager=eager)
         for name, path in adapters.items():
             llm.load_adapter(name, str(path))
