@@ -33,6 +33,8 @@ class ServerConfig(_Validated):
     health_poll_seconds: float = opt(0.5, "how often health asks the engine whether its loop is alive",
                                      lo=0.01, hi=60.0)
     reflection: bool = opt(True, "serve gRPC server reflection")
+    engine_process: bool = opt(True, "run the engine core in a process of its own (false: on a thread of the "
+                                     "server process)")
 
     def check(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
