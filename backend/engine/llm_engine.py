@@ -162,7 +162,8 @@ class LLMEngine:
         s.kv_blocks_used = self.kv.num_used_blocks
         s.preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries, s.prefix_cache_hits = self.kv.prefix_queries, self.kv.prefix_hits
-        if time.monotonic() - self._adapter_counts_at >= ADAPTER_COUNTS_SECONDS:
+        idle = not self.scheduler.has_unfinished()  # the last step before idling: nothing refreshes later
+        if idle or time.monotonic() - self._adapter_counts_at >= ADAPTER_COUNTS_SECONDS:
             self.refresh_adapter_counts()
         self.snapshot = s.snapshot()
 
