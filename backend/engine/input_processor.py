@@ -63,7 +63,7 @@ class InputProcessor:
         ids = list(token_ids)
         if not ids:
             raise InvalidRequestError("prompt_token_ids", "must not be empty")
-        self._check_length("prompt_token_ids", len(ids))
+        self._check_length("prompt", len(ids))
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError("prompt_token_ids", f"token id {bad[0]} outside the vocabulary "
@@ -78,7 +78,7 @@ class InputProcessor:
             raise InvalidRequestError(field_name, f"{len(text)} characters cannot fit in max_model_len="
                                       f"{self.max_model_len} tokens")
         ids = list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
-        self._check_length(field_name, len(ids))
+        self._check_length("prompt", len(ids))
         return ids
 
     def _check_length(self, field_name: str, n: int) -> None:
