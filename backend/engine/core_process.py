@@ -225,7 +225,7 @@ class CoreProcessClient(FrontEnd):
                 await asyncio.to_thread(self._proc.join, STOP_TIMEOUT)
         if self._reader is not None:
             self._reader.cancel()
-        self._on_death("engine core stopped")
+        self._on_death("engine core stopped", expected=True)
         self._push.close(linger=0)
         self._pull.close(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -309,9 +309,10 @@ class CoreProcessClient(FrontEnd):
                 else:
                     done.set_exception(msg[3])
 
-    def _on_death(self, reason: str) -> None:
+    def _on_death(self, reason: str, expected: bool = False) -> None:
         if self._dead is None:
-            log.error("%s: failing %d requests in flight", reason, len(self._queues))
+            if not expected or self._queues:
+                log.error("%s: failing %d requests in flight", reason, len(self._queues))
             self._dead = reason
         self._fail_all(self._dead)
         for done in self._ops.values():
