@@ -75,11 +75,13 @@ class LLM:
 
     def load_adapter(self, name: str, source: str | os.PathLike[str], revision: str | None = None,
                      replace: bool = False, pinned: bool = False) -> AdapterInfo:
-        registry = self._registry()
-        return registry.register(name, os.fspath(source), revision=revision, replace=replace, pinned=pinned)
+        info = self._registry().register(name, os.fspath(source), revision=revision, replace=replace, pinned=pinned)
+        self.engine.publish_stats()  # gauges follow the operation, not the next step
+        return info
 
     def unload_adapter(self, name: str) -> None:
         self._registry().unregister(name)
+        self.engine.publish_stats()
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self._registry().list()
