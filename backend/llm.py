@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -45,29 +46,42 @@ class LLM:
             for prompt, p, adapter in zip(prompt_list, param_list, adapter_list, strict=True):
                 req = EngineRequest(f"llm-{next(self._ids)}", params=p, adapter=adapter,
                                     **({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}))
-                seqs.append(self.engine.make_sequence(req))
-        except Exception:
+                seqs.append(self.engine.make_sequence(self.engine.input_processor.process(req)))
+        except BaseException:
             for seq in seqs:
                 self.engine.release_sequence(seq)
             raise
-        for seq in seqs:
-            self.engine.add_sequence(seq)
         deltas: dict[str, list[RequestOutput]] = {s.request_id: [] for s in seqs}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                deltas[out.request_id].append(out)
+        try:
+            for seq in seqs:
+                self.engine.add_sequence(seq)
+            while any(s.request_id in self.engine.seqs for s in seqs):
+                for out in self.engine.step():
+                    deltas[out.request_id].append(out)
+        except BaseException:  # KeyboardInterrupt and timeouts too: leave the engine usable
+            self._abort_all(seqs)
+            raise
         return [_collect(s.request_id, s.prompt_token_ids, deltas[s.request_id]) for s in seqs]
+
+    def _abort_all(self, seqs: list[Any]) -> None:
+        for seq in seqs:
+            if seq.request_id in self.engine.seqs:
+                self.engine.abort(seq.request_id)
+            else:
+                self.engine.release_sequence(seq)  # never added (release is idempotent)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         return self.engine.apply_chat_template(messages, **kwargs)
 
-    def load_adapter(self, name: str, source: str, revision: str | None = None, replace: bool = False,
-                     pinned: bool = False) -> AdapterInfo:
-        registry = self._registry()
-        return registry.register(name, source, revision=revision, replace=replace, pinned=pinned)
+    def load_adapter(self, name: str, source: str | os.PathLike[str], revision: str | None = None,
+                     replace: bool = False, pinned: bool = False) -> AdapterInfo:
+        info = self._registry().register(name, os.fspath(source), revision=revision, replace=replace, pinned=pinned)
+        self.engine.publish_stats()  # gauges follow the operation, not the next step
+        return info
 
     def unload_adapter(self, name: str) -> None:
         self._registry().unregister(name)
+        self.engine.publish_stats()
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self._registry().list()

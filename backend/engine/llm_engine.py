@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
 import torch
 
+from loraplex.backend.engine.input_processor import InputProcessor
 from loraplex.backend.engine.kv_cache import KVCacheManager
 from loraplex.backend.engine.output import OutputState, append_token, flush_text, make_output
-from loraplex.backend.engine.request import EngineRequest
+from loraplex.backend.engine.request import ChatInput, EngineRequest, ProcessedRequest
 from loraplex.backend.engine.runner import ModelRunner, StepResult
 from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
@@ -25,8 +25,11 @@ from loraplex.backend.engine.stats import AdapterResidency, EngineStats
 from loraplex.backend.outputs import RequestOutput
 from loraplex.config import EngineConfig
 from loraplex.errors import InvalidRequestError
+from loraplex.lora.types import AdapterState
 
 log = logging.getLogger(__name__)
+
+ADAPTER_COUNTS_SECONDS = 0.25  # how stale the adapter gauges may get between adapter operations
 
 
 class LLMEngine:
@@ -48,7 +51,10 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, max_num_seqs=config.scheduler.max_num_seqs,
                                   with_lora=self.adapters is not None)
         self.seqs: dict[str, Sequence] = {}
-        self.stats = EngineStats(kv_blocks_total=parts.num_blocks)
+        self.input_processor = InputProcessor(self.tokenizer, self.model_name, self.max_model_len, self.vocab_size)
+        self.stats = EngineStats(kv_blocks_total=parts.num_blocks)  # live; the step thread's own
+        self.snapshot = self.stats.snapshot()  # published once per step; never mutated
+        self._adapter_counts_at = -ADAPTER_COUNTS_SECONDS
         self._residency_key: tuple[Any, ...] = ()
         self._update_stats()  # routers read slots and preloaded adapters before the first request
 
@@ -57,45 +63,19 @@ class LLMEngine:
         return self.parts.device
 
     # ---- requests
-    def make_sequence(self, req: EngineRequest) -> Sequence:
-        """Validates and tokenizes a request (thread-safe; touches no scheduler state)."""
-        prompt_ids = self._prompt_ids(req)
-        params = req.params
-        params.check_vocab(self.vocab_size)
-        n = len(prompt_ids)
-        if n >= self.max_model_len:
-            raise InvalidRequestError("prompt", f"{n} tokens; must be shorter than max_model_len={self.max_model_len}")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
-        if n + max_tokens > self.max_model_len:
-            raise InvalidRequestError(
-                "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len="
-                f"{self.max_model_len}")
-        seq = Sequence(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params,
-                       max_tokens=max_tokens, priority=req.priority)
-        seq.timings.arrival = req.arrival_time
-        if req.adapter:
+    def make_sequence(self, proc: ProcessedRequest) -> Sequence:
+        """A sequence for a processed request, its adapter version pinned (thread-safe; may read adapter
+        files, so never call it on the step thread)."""
+        seq = Sequence(request_id=proc.request_id, prompt_token_ids=proc.prompt_token_ids, params=proc.params,
+                       max_tokens=proc.max_tokens, priority=proc.priority)
+        seq.timings.arrival = proc.arrival_time
+        if proc.adapter:
             if self.adapters is None:
                 raise InvalidRequestError("adapter", "LoRA is disabled on this server")
-            seq.adapter = self.adapters.acquire(req.adapter)
+            seq.adapter = self.adapters.acquire(proc.adapter)
             seq.adapter_key = seq.adapter.key
         seq.state = OutputState.create(seq, self.tokenizer, self.eos_ids)
         return seq
-
-    def _prompt_ids(self, req: EngineRequest) -> list[int]:
-        if (req.prompt is None) == (req.prompt_token_ids is None):
-            raise InvalidRequestError("prompt", "give exactly one of prompt text or prompt token ids")
-        if req.prompt is not None:
-            if not req.prompt:
-                raise InvalidRequestError("prompt", "must not be empty")
-            return list(self.tokenizer.encode(req.prompt, add_special_tokens=True))
-        ids = list(req.prompt_token_ids or [])
-        if not ids:
-            raise InvalidRequestError("prompt_token_ids", "must not be empty")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError("prompt_token_ids", f"token id {bad[0]} outside the vocabulary "
-                                      f"[0, {self.vocab_size})")
-        return ids
 
     def add_sequence(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:
@@ -108,7 +88,8 @@ class LLMEngine:
         self.stats.requests_by_adapter[name] = self.stats.requests_by_adapter.get(name, 0) + 1
 
     def add_request(self, req: EngineRequest) -> str:
-        seq = self.make_sequence(req)
+        """Input step + sequence + queue, in the caller's thread (the offline API)."""
+        seq = self.make_sequence(self.input_processor.process(req))
         self.add_sequence(seq)
         return seq.request_id
 
@@ -169,43 +150,60 @@ class LLMEngine:
             seq.adapter = None
 
     def _update_stats(self) -> None:
+        """Refreshes the gauges and publishes a snapshot (vLLM's make_stats); readers take ``snapshot``."""
         s = self.stats
         s.num_waiting = len(self.scheduler.waiting)
         s.num_running = len(self.scheduler.running)
         s.kv_blocks_used = self.kv.num_used_blocks
         s.preemptions = self.scheduler.num_preemptions
         s.prefix_cache_queries, s.prefix_cache_hits = self.kv.prefix_queries, self.kv.prefix_hits
-        if self.adapters is not None:
-            c = self.adapters.counts()
-            s.lora_slots_total, s.lora_slots_used = c.lora_slots_total, c.lora_slots_used
-            s.adapters_resident, s.adapters_cached = c.adapters_resident, c.adapters_cached
-            s.adapters_registered, s.adapter_evictions = c.adapters_registered, c.adapter_evictions
-            s.adapter_loads, s.adapter_load_seconds = c.source_loads, c.source_load_seconds
-            self._update_residency(c)
         s.running_adapter_names = _adapter_names(self.scheduler.running)
         s.waiting_adapter_names = _adapter_names(self.scheduler.waiting)
+        idle = not self.scheduler.has_unfinished()  # the last step before idling: nothing refreshes later
+        if idle or time.monotonic() - self._adapter_counts_at >= ADAPTER_COUNTS_SECONDS:
+            self.refresh_adapter_counts()
+        self.snapshot = s.snapshot()
+
+    def publish_stats(self) -> None:
+        """A fresh snapshot with the adapter gauges re-read (after adapter operations; step thread)."""
+        self._adapter_counts_at = -ADAPTER_COUNTS_SECONDS
+        self._update_stats()
+
+    def refresh_adapter_counts(self) -> None:
+        """Adapter gauges from the registry: a walk under its lock, so at most every
+        ADAPTER_COUNTS_SECONDS from the step loop, and right after adapter operations."""
+        self._adapter_counts_at = time.monotonic()
+        if self.adapters is None:
+            return
+        s = self.stats
+        c = self.adapters.counts()
+        s.lora_slots_total, s.lora_slots_used = c.lora_slots_total, c.lora_slots_used
+        s.adapters_resident, s.adapters_cached = c.adapters_resident, c.adapters_cached
+        s.adapters_registered, s.adapter_evictions = c.adapters_registered, c.adapter_evictions
+        s.adapter_loads, s.adapter_load_seconds = c.source_loads, c.source_load_seconds
+        s.resident_adapters = tuple(a.name for a in self.adapters.list() if a.state is AdapterState.RESIDENT)
+        self._update_residency(c)
 
     def _update_residency(self, c: Any) -> None:
         """Re-lists the adapters only when the registry's counts moved (listing thousands each step costs)."""
         key = (c.adapter_loads, c.adapter_evictions, c.source_loads, c.cpu_evictions, c.adapters_registered,
                c.lora_slots_used, c.adapters_resident, c.adapters_cached)
-        if key != self._residency_key:
+        if key != self._residency_key and self.adapters is not None:
             self._residency_key = key
             levels = {"resident": "gpu", "cached": "cpu", "registered": "disk"}
             self.stats.adapter_residency = tuple(AdapterResidency(a.name, levels[str(a.state)], a.pinned, a.rank)
                                                  for a in self.adapters.list())
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix block no request holds (call on the step thread)."""
+        self.kv.reset_prefix_cache()
+        self._update_stats()
+        return True
+
     # ---- chat
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                             template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError("messages", f"model {self.model_name!r} has no chat template")
-        try:
-            return str(self.tokenizer.apply_chat_template(
-                messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt,
-                **(template_kwargs or {})))
-        except Exception as exc:  # jinja errors on malformed messages
-            raise InvalidRequestError("messages", f"chat template failed: {exc}") from exc
+        return self.input_processor.render_chat(ChatInput(messages, tools, template_kwargs, add_generation_prompt))
 
 
 def _adapter_names(seqs: Any) -> tuple[str, ...]:

@@ -1,7 +1,14 @@
-"""Counters and gauges the engine keeps; the metrics module reads them."""
+"""Counters and gauges the engine keeps; the metrics module reads them.
+
+The step thread mutates one live ``EngineStats`` and, once per step, publishes
+a copy (``snapshot``) that nobody mutates afterwards: readers on other threads
+(or in the front-end process) take the published reference and never copy
+live state.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -47,7 +54,13 @@ class EngineStats:
     running_adapter_names: tuple[str, ...] = ()
     waiting_adapter_names: tuple[str, ...] = ()
     adapter_residency: tuple[AdapterResidency, ...] = ()
+    resident_adapters: tuple[str, ...] = ()  # names with a GPU slot, for load reports (routers)
 
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    def snapshot(self) -> EngineStats:
+        """A copy sharing nothing mutable with ``self`` (publish it; never mutate it)."""
+        return dataclasses.replace(self, requests_by_adapter=dict(self.requests_by_adapter),
+                                   tokens_by_adapter=dict(self.tokens_by_adapter))

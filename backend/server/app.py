@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 
+from loraplex.backend.engine.protocol import EngineClient
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
 from loraplex.backend.tracing import configure_tracing
@@ -18,11 +19,20 @@ from loraplex.config import EngineConfig
 log = logging.getLogger("loraplex.server")
 
 
-async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    """Runs until a signal has drained and stopped the server; returns the exit code."""
+def engine_client(engine_config: EngineConfig, server_config: ServerConfig) -> EngineClient:
+    """The core in a process of its own (default), or on a thread of this one."""
+    if server_config.engine_process:
+        from loraplex.backend.engine.core_process import CoreProcessClient
+
+        return CoreProcessClient(engine_config)
     from loraplex.backend.engine.async_engine import AsyncEngine
 
-    engine = AsyncEngine(engine_config)
+    return AsyncEngine(engine_config)
+
+
+async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Runs until a signal has drained and stopped the server; returns the exit code."""
+    engine = engine_client(engine_config, server_config)
     await engine.start()
     provider = configure_tracing()
     server = GrpcServer(engine, server_config, tracer_provider=provider)

@@ -35,6 +35,8 @@ class ServerConfig(_Validated):
     reflection: bool = opt(True, "serve gRPC server reflection")
     vllm_metrics: bool = opt(True, "also export vLLM-named metrics (vllm:*) on /metrics, for the Gateway API "
                                    "Inference Extension, llm-d and AIBrix")
+    engine_process: bool = opt(True, "run the engine core in a process of its own (false: on a thread of the "
+                                     "server process)")
 
     def check(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

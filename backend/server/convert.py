@@ -1,8 +1,9 @@
 """Protobuf stops here: ``from_pb`` builds engine types, ``to_pb`` builds messages.
 
 Checks that belong to the wire format (exactly one input, JSON fields, roles,
-request id shape) happen here; the sampling bounds are ``SamplingParams``'s own,
-and the engine checks what needs the model (context length, vocabulary).
+request id shape) happen here; the sampling bounds are ``SamplingParams``'s own.
+What needs the model (chat template, tokens, context length, vocabulary) is the
+engine's input step (``engine.input_processor``), run once per request.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from loraplex.backend.engine.request import EngineRequest
+from loraplex.backend.engine.request import ChatInput, EngineRequest
 from loraplex.backend.outputs import Logprob, RequestOutput, RequestTimings, Usage
 from loraplex.backend.sampling_params import SamplingParams
 from loraplex.backend.server.json_depth import check_json_depth
@@ -32,15 +33,10 @@ RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "tools", "docu
                                       "continue_final_message", "padding", "truncation", "max_length"})
 
 
-class ChatRenderer(Protocol):
-    def __call__(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                 template_kwargs: dict[str, Any] | None, add_generation_prompt: bool) -> str: ...
-
-
 # ---- from_pb ---------------------------------------------------------------------------------
 
 
-def request_from_pb(req: pb.GenerateRequest, render_chat: ChatRenderer) -> EngineRequest:
+def request_from_pb(req: pb.GenerateRequest) -> EngineRequest:
     """The engine request for a Generate call; raises InvalidRequestError naming the bad field."""
     request_id = request_id_from_pb(req.request_id)
     kind = req.WhichOneof("input")
@@ -55,8 +51,8 @@ def request_from_pb(req: pb.GenerateRequest, render_chat: ChatRenderer) -> Engin
         return EngineRequest(request_id, prompt_token_ids=list(req.token_ids.ids), params=params,
                              adapter=adapter, priority=req.priority)
     if kind == "chat":
-        prompt = render_chat_from_pb(req.chat, render_chat)
-        return EngineRequest(request_id, prompt=prompt, params=params, adapter=adapter, priority=req.priority)
+        return EngineRequest(request_id, chat=chat_from_pb(req.chat), params=params, adapter=adapter,
+                             priority=req.priority)
     raise InvalidRequestError("input", Msg.INPUT_MISSING)
 
 
@@ -86,8 +82,8 @@ def params_from_pb(p: pb.SamplingParameters, default_max_tokens: int | None = 16
         skip_special_tokens=opt("skip_special_tokens", True))
 
 
-def render_chat_from_pb(chat: pb.ChatInput, render_chat: ChatRenderer) -> str:
-    """The prompt text of a chat input, rendered with the model's template."""
+def chat_from_pb(chat: pb.ChatInput) -> ChatInput:
+    """The chat input's messages, tools and template kwargs (rendered later, by the input step)."""
     _require(len(chat.messages) > 0, "chat.messages", Msg.EMPTY_MESSAGES)
     messages = [_message_from_pb(i, m) for i, m in enumerate(chat.messages)]
     tools = [_json_object(f"chat.tools_json[{i}]", t) for i, t in enumerate(chat.tools_json)] or None
@@ -97,12 +93,7 @@ def render_chat_from_pb(chat: pb.ChatInput, render_chat: ChatRenderer) -> str:
         reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
         _require(not reserved, "chat.chat_template_kwargs_json", Msg.RESERVED_KWARGS.format(keys=reserved))
     add_generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-    try:
-        return render_chat(messages, tools, kwargs or None, add_generation_prompt)
-    except InvalidRequestError:
-        raise
-    except Exception as exc:  # a template's own error (jinja raise_exception, bad structure)
-        raise InvalidRequestError("chat", Msg.TEMPLATE_FAILED.format(error=exc)) from exc
+    return ChatInput(messages, tools, kwargs or None, add_generation_prompt)
 
 
 def _message_from_pb(index: int, m: pb.ChatMessage) -> dict[str, Any]:

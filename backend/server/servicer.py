@@ -14,12 +14,12 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import grpc
 from opentelemetry import trace
 
 from loraplex import __version__
+from loraplex.backend.engine.protocol import EngineClient
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.backend.metrics import Metrics, RequestTracker
 from loraplex.backend.sampling_params import MAX_LOGPROBS, MAX_STOP_STRINGS
@@ -35,19 +35,19 @@ TOKEN_TEXT_CACHE = 65536
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    """Serves one ``AsyncEngine``; ``features`` lists what the assembly turned on (auth, tls...)."""
+    """Serves one engine client (in-process or core process); ``features`` lists what the assembly
+    turned on (auth, tls...)."""
 
-    def __init__(self, engine: Any, metrics: Metrics, tracer: trace.Tracer, features: tuple[str, ...] = ()):
+    def __init__(self, engine: EngineClient, metrics: Metrics, tracer: trace.Tracer, features: tuple[str, ...] = ()):
         self.engine = engine
         self.metrics = metrics
         self.tracer = tracer
         self.features = features
         self.draining = False
-        self._running: set[str] = set()
         self._token_text = functools.lru_cache(maxsize=TOKEN_TEXT_CACHE)(self._decode_token)
 
-    def _decode_token(self, token_id: int) -> str:
-        return str(self.engine.tokenizer.decode([token_id], skip_special_tokens=False))
+    def _decode_token(self, token_id: int) -> str:  # logprob token texts: the front end's own tokenizer
+        return self.engine.input_processor.detokenize([token_id], skip_special_tokens=False)
 
     # ---- Generate ----------------------------------------------------------------------------
 
@@ -59,22 +59,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                       context=extract_context(context.invocation_metadata()),
                                       kind=trace.SpanKind.SERVER)
         with self.metrics.tracker() as tracker, _ending(span, tracker):
-            req = self._admit(request)
+            if self.draining:
+                raise EngineDrainingError(Msg.DRAINING.value)
+            req = convert.request_from_pb(request)
             span.set_attributes(request_attributes(req, operation, self.engine.model_name))
-            try:
-                async for message in self._stream(req, span, tracker):
-                    yield message
-            finally:
-                self._running.discard(req.request_id)
-
-    def _admit(self, request: pb.GenerateRequest) -> EngineRequest:
-        if self.draining:
-            raise EngineDrainingError(Msg.DRAINING.value)
-        req = convert.request_from_pb(request, self.engine.apply_chat_template)
-        if req.request_id in self._running:
-            raise InvalidRequestError("request_id", Msg.REQUEST_ID_RUNNING.format(request_id=req.request_id))
-        self._running.add(req.request_id)
-        return req
+            async for message in self._stream(req, span, tracker):
+                yield message
 
     async def _stream(self, req: EngineRequest, span: trace.Span,
                       tracker: RequestTracker) -> AsyncIterator[pb.GenerateResponse]:
@@ -116,7 +106,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     @grpc_errors
     async def ListAdapters(self, request: pb.ListAdaptersRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
-        adapters = sorted(self.engine.list_adapters(), key=lambda a: a.name)
+        adapters = sorted(await self.engine.list_adapters(), key=lambda a: a.name)
         return pb.ListAdaptersResponse(adapters=[convert.adapter_to_pb(a) for a in adapters])
 
     @contextlib.contextmanager
@@ -139,17 +129,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         e = self.engine
-        cfg = e.config
-        limits = pb.Limits(max_model_len=e.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
+        cfg, props = e.config, e.properties
+        limits = pb.Limits(max_model_len=props.max_model_len, max_num_seqs=cfg.scheduler.max_num_seqs,
                            max_loras=cfg.lora.max_loras, max_lora_rank=cfg.lora.max_lora_rank,
                            max_cpu_loras=cfg.lora.max_cpu_loras,
                            max_waiting_requests=cfg.scheduler.max_waiting_requests,
                            max_stop_strings=MAX_STOP_STRINGS, max_logprobs=MAX_LOGPROBS)
-        eos = e.tokenizer.eos_token_id
-        return pb.GetServerInfoResponse(model=e.model_name, version=__version__, limits=limits,
-                                        features=self._features(), device=str(getattr(e, "device", cfg.model.device)),
-                                        dtype=_dtype_name(getattr(e, "dtype", cfg.model.dtype)),
-                                        eos_token_id=eos if isinstance(eos, int) else 0)
+        return pb.GetServerInfoResponse(model=props.model_name, version=__version__, limits=limits,
+                                        features=self._features(), device=props.device, dtype=props.dtype,
+                                        eos_token_id=props.eos_token_id)
 
     def _features(self) -> list[str]:
         cfg = self.engine.config
@@ -158,7 +146,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             found.append("lora")
         if cfg.cache.enable_prefix_caching:
             found.append("prefix_caching")
-        template = getattr(self.engine.tokenizer, "chat_template", None) or ""
+        template = self.engine.properties.chat_template
         if template:
             found.append("chat_template")
         if "tools" in template:
@@ -166,10 +154,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if cfg.scheduler.policy == "priority":
             found.append("priority")
         return sorted({*found, *self.features})
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
 from loraplex.backend.engine.async_engine import AsyncEngine
+from loraplex.backend.engine.core_process import CoreProcessClient
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
 from loraplex.clients import pb
@@ -51,7 +52,7 @@ class LoopThread:
 @dataclass
 class RunningServer:
     target: str
-    engine: AsyncEngine
+    engine: Any  # AsyncEngine (in-process core) or CoreProcessClient (core process)
     server: GrpcServer
     loop: LoopThread
     metrics_port: int = 0
@@ -74,15 +75,16 @@ class RunningServer:
 
 
 def start_server(engine_kwargs: dict[str, Any] | None = None, server_kwargs: dict[str, Any] | None = None,
-                 tracer_provider: TracerProvider | None = None) -> RunningServer:
-    """Engine (demo model unless ``model`` is given) + server on 127.0.0.1:<free port> + /metrics."""
+                 tracer_provider: TracerProvider | None = None, engine_process: bool = False) -> RunningServer:
+    """Engine (demo model unless ``model`` is given) + server on 127.0.0.1:<free port> + /metrics;
+    the engine core on a thread of this process, or with ``engine_process`` in a spawned process."""
     loop = LoopThread()
     config = EngineConfig.from_kwargs(**{**SMALL_ENGINE, **(engine_kwargs or {})})
     server_config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "metrics_port": 0, "metrics_host": "127.0.0.1",
                                     "grace_period": 5.0, "health_poll_seconds": 0.1, **(server_kwargs or {})})
 
     async def build() -> RunningServer:
-        engine = AsyncEngine(config)
+        engine = CoreProcessClient(config) if engine_process else AsyncEngine(config)
         await engine.start()
         grpc_server = GrpcServer(engine, server_config, tracer_provider=tracer_provider)
         port = await grpc_server.start()

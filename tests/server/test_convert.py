@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,12 +13,8 @@ from loraplex.errors import InvalidRequestError
 from loraplex.lora.types import AdapterInfo, AdapterState
 
 
-def render(messages, tools, kwargs, add_generation_prompt):
-    return json.dumps({"m": messages, "t": tools, "k": kwargs, "g": add_generation_prompt})
-
-
 def test_prompt_request_defaults_and_fresh_id() -> None:
-    req = convert.request_from_pb(pb.GenerateRequest(prompt="hi", adapter="upper", priority=3), render)
+    req = convert.request_from_pb(pb.GenerateRequest(prompt="hi", adapter="upper", priority=3))
     assert req.prompt == "hi" and req.adapter == "upper" and req.priority == 3
     assert len(req.request_id) == 32
     p = req.params
@@ -33,7 +28,7 @@ def test_params_set_fields_pass_through() -> None:
                                    stop_token_ids=[3], logprobs=0, prompt_logprobs=2, skip_special_tokens=False,
                                    ignore_eos=True, min_tokens=1)
     req = convert.request_from_pb(pb.GenerateRequest(request_id="r", token_ids=pb.TokenIds(ids=[1, 2]),
-                                                     params=params), render)
+                                                     params=params))
     p = req.params
     assert req.request_id == "r" and req.prompt_token_ids == [1, 2] and req.adapter is None
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (5, 0.0, 0.5, 0, 7)
@@ -41,28 +36,29 @@ def test_params_set_fields_pass_through() -> None:
     assert not p.skip_special_tokens and p.ignore_eos and p.min_tokens == 1
 
 
-def test_chat_is_rendered_with_kwargs_tools_and_generation_prompt() -> None:
+def test_chat_carries_kwargs_tools_and_generation_prompt_unrendered() -> None:
     chat = pb.ChatInput(messages=[pb.ChatMessage(role="system", content="s"),
                                   pb.ChatMessage(role="assistant", content="", tool_calls_json=['{"id": "1"}']),
                                   pb.ChatMessage(role="tool", content="r", tool_call_id="1", name="n")],
                         tools_json=['{"type": "function"}'], chat_template_kwargs_json='{"enable_thinking": false}',
                         add_generation_prompt=False)
-    req = convert.request_from_pb(pb.GenerateRequest(chat=chat), render)
-    rendered = json.loads(req.prompt)
-    assert rendered["m"][1]["tool_calls"] == [{"id": "1"}]
-    assert rendered["m"][2] == {"role": "tool", "content": "r", "name": "n", "tool_call_id": "1"}
-    assert rendered["t"] == [{"type": "function"}] and rendered["k"] == {"enable_thinking": False}
-    assert rendered["g"] is False
-    plain = json.loads(convert.request_from_pb(pb.GenerateRequest(chat=pb.ChatInput(
-        messages=[pb.ChatMessage(role="user", content="x")])), render).prompt)
-    assert plain["g"] is True and plain["t"] is None and plain["k"] is None
+    req = convert.request_from_pb(pb.GenerateRequest(chat=chat))
+    assert req.prompt is None and req.chat is not None  # the engine's input step renders it, once
+    assert req.chat.messages[1]["tool_calls"] == [{"id": "1"}]
+    assert req.chat.messages[2] == {"role": "tool", "content": "r", "name": "n", "tool_call_id": "1"}
+    assert req.chat.tools == [{"type": "function"}] and req.chat.template_kwargs == {"enable_thinking": False}
+    assert req.chat.add_generation_prompt is False
+    plain = convert.request_from_pb(pb.GenerateRequest(chat=pb.ChatInput(
+        messages=[pb.ChatMessage(role="user", content="x")]))).chat
+    assert plain is not None
+    assert plain.add_generation_prompt is True and plain.tools is None and plain.template_kwargs is None
 
 
 def test_chat_without_max_tokens_runs_to_the_end_of_the_context() -> None:
     chat = pb.ChatInput(messages=[pb.ChatMessage(role="user", content="x")])
-    assert convert.request_from_pb(pb.GenerateRequest(chat=chat), render).params.max_tokens is None
+    assert convert.request_from_pb(pb.GenerateRequest(chat=chat)).params.max_tokens is None
     capped = pb.GenerateRequest(chat=chat, params=pb.SamplingParameters(max_tokens=5))
-    assert convert.request_from_pb(capped, render).params.max_tokens == 5
+    assert convert.request_from_pb(capped).params.max_tokens == 5
 
 
 BAD = [
@@ -96,24 +92,14 @@ BAD = [
 @pytest.mark.parametrize(("request_pb", "field"), BAD, ids=[f for _, f in BAD])
 def test_bad_requests_name_the_field(request_pb: pb.GenerateRequest, field: str) -> None:
     with pytest.raises(InvalidRequestError) as err:
-        convert.request_from_pb(request_pb, render)
+        convert.request_from_pb(request_pb)
     assert err.value.field == field, err.value.message
 
 
 def test_limits_at_the_edge_pass() -> None:
     params = pb.SamplingParameters(stop=["s" * 256] * 16, logprobs=20, prompt_logprobs=20, temperature=2.0,
                                    seed=2**63 - 1)
-    convert.request_from_pb(pb.GenerateRequest(request_id="r" * 256, prompt="a", params=params), render)
-
-
-def test_template_failure_is_invalid_argument() -> None:
-    def broken(*_args):
-        raise RuntimeError("jinja says no")
-
-    with pytest.raises(InvalidRequestError) as err:
-        convert.request_from_pb(pb.GenerateRequest(chat=pb.ChatInput(messages=[pb.ChatMessage(role="user")])),
-                                broken)
-    assert err.value.field == "chat" and "jinja says no" in err.value.message
+    convert.request_from_pb(pb.GenerateRequest(request_id="r" * 256, prompt="a", params=params))
 
 
 def test_output_to_pb_delta_and_final() -> None:

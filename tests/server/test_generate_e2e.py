@@ -111,7 +111,7 @@ def test_cancel_half_of_32_streams_frees_kv(demo: RunningServer) -> None:
                 first = await call.read()
                 assert first != grpc.aio.EOF and not first.finished
             assert kv_used(demo) > start
-            assert sum(a.running_requests for a in demo.engine.list_adapters()) == 18
+            assert sum(a.running_requests for a in demo.loop.run(demo.engine.list_adapters())) == 18
             expiring = [client.stub.Generate(r, timeout=0.5) for r in long[:8]]
             for call in calls[:8]:
                 call.cancel()
@@ -126,7 +126,7 @@ def test_cancel_half_of_32_streams_frees_kv(demo: RunningServer) -> None:
 
     asyncio.run(run())
     assert kv_used(demo) == start
-    assert all(a.running_requests == 0 for a in demo.engine.list_adapters())
+    assert all(a.running_requests == 0 for a in demo.loop.run(demo.engine.list_adapters()))
 
 
 def bad_request_table() -> list[tuple[pb.GenerateRequest, grpc.StatusCode, str]]:
@@ -211,7 +211,7 @@ def test_logprobs_stop_strings_and_token_ids(demo: RunningServer) -> None:
         assert all(lp.rank >= 1 and lp.logprob <= 0 for lp in result.logprobs)
         stopped = client.generate(chat_request("abcdef", stop=["cd"]), timeout=30)
         assert (stopped.text, stopped.finish_reason, stopped.stop_string) == ("ab", "stop", "cd")
-        ids = list(demo.engine.tokenizer.encode("hello"))
+        ids = list(demo.engine.input_processor.tokenizer.encode("hello"))
         raw = client.generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), params=pb.SamplingParameters(
             max_tokens=3, temperature=0.0, ignore_eos=True)), timeout=30)
         assert raw.finish_reason == "length" and len(raw.token_ids) == 3 and raw.usage.prompt_tokens == len(ids)
