@@ -72,6 +72,8 @@ class SchedulerConfig(_Validated):
     max_waiting_requests: int = opt(1024, "bounded waiting queue; past it requests are refused at once", lo=1)
     policy: str = opt("fcfs", "fcfs, or priority (lower value first, then arrival)", choices=("fcfs", "priority"))
     enable_chunked_prefill: bool = opt(True, "split long prompts over several steps")
+    async_scheduling: bool = opt(True, "launch step N+1 before processing step N's tokens when they can stay on "
+                                       "the GPU (greedy rows), so host work overlaps device work")
 
 
 @dataclass

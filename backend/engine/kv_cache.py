@@ -59,7 +59,8 @@ class KVCacheManager:
     def update_hashes(self, seq: Sequence) -> None:
         """Extends the sequence's hash chain over every full block of its tokens."""
         bs = self.block_size
-        while (len(seq.block_hashes) + 1) * bs <= seq.num_tokens:
+        known = seq.num_prompt_tokens + seq.num_output_tokens  # not the pending ones: their values are unknown
+        while (len(seq.block_hashes) + 1) * bs <= known:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             tokens = [seq.token_at(j) for j in range(i * bs, (i + 1) * bs)]

@@ -1,8 +1,8 @@
 """The synchronous engine core: add a request, abort it, step.
 
-``step()`` = ``schedule()`` -> ``execute()`` -> ``update_after_step()`` plus output
-processing; it returns one ``RequestOutput`` delta per request that produced
-something. Not thread-safe: the async engine calls it from one thread.
+``step()`` = ``schedule()`` -> ``runner.launch()`` -> ``advance()``, then the output
+processing of the step before (overlapped with this one's device work); it returns one
+``RequestOutput`` delta per request that produced something. Not thread-safe: the async engine calls it from one thread.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from loraplex.backend.engine.input_processor import InputProcessor
 from loraplex.backend.engine.kv_cache import KVCacheManager
 from loraplex.backend.engine.output import OutputState, append_token, flush_text, make_output
 from loraplex.backend.engine.request import ChatInput, EngineRequest, ProcessedRequest
-from loraplex.backend.engine.runner import ModelRunner, StepResult
+from loraplex.backend.engine.runner import ModelRunner, StepHandle
 from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
 from loraplex.backend.engine.setup import EngineParts, build_engine_parts
@@ -51,6 +51,8 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, max_num_seqs=config.scheduler.max_num_seqs,
                                   with_lora=self.adapters is not None)
         self.seqs: dict[str, Sequence] = {}
+        self.overlap = config.scheduler.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, outputs not processed
         self.input_processor = InputProcessor(self.tokenizer, self.model_name, self.max_model_len, self.vocab_size)
         self.stats = EngineStats(kv_blocks_total=parts.num_blocks)  # live; the step thread's own
         self.snapshot = self.stats.snapshot()  # published once per step; never mutated
@@ -103,30 +105,50 @@ class LLMEngine:
         return out
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- one step
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches step N, then processes step N-1's tokens while the device runs N.
+
+        When step N's tokens stay on the device (greedy rows), its outputs are processed in the next
+        call, so the host work of one step overlaps the device work of the next (vLLM's async
+        scheduling); the next schedule counts each such token as pending.
+        """
         self.stats.last_step_started = time.monotonic()
         sched = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
+        handle: StepHandle | None = None
         if not sched.is_empty:
-            result = self.runner.execute(sched)
-            outputs = self._process(sched, result)
+            handle = self.runner.launch(sched)
+            self.scheduler.advance(sched)
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None:
+            outputs += self._process(*self._in_flight)
+            self._in_flight = None
+        if handle is not None:
+            if handle.overlappable and self.overlap:
+                self._in_flight = (sched, handle)
+            else:
+                outputs += self._process(sched, handle)
         self.stats.num_steps += 1
         self._update_stats()
         self.stats.last_step_started = 0.0
         return outputs
 
-    def _process(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        samplers = [item.seq for item in sched.scheduled if item.samples]
+    def _process(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        result = handle.result()
         for rid, lps in result.prompt_logprobs.items():
-            state: OutputState = self.seqs[rid].state
-            if state.prompt_logprobs is not None:
-                state.prompt_logprobs.extend(lps)
-        self.scheduler.update_after_step(sched)
+            seq = self.seqs.get(rid)
+            if seq is not None and seq.state.prompt_logprobs is not None:
+                seq.state.prompt_logprobs.extend(lps)
         outputs = []
-        for seq in samplers:
+        for item in sched.scheduled:
+            seq = item.seq
+            if not item.samples:
+                continue
+            seq.num_pending -= 1
+            if seq.status is Status.FINISHED:  # aborted, or finished by the step before (this token is surplus)
+                continue
             token = result.sampled[seq.request_id]
             out = append_token(seq, token, result.logprobs.get(seq.request_id), self.eos_ids, self.max_model_len)
             name = seq.adapter_key[0] if seq.adapter_key else ""
@@ -135,6 +157,8 @@ class LLMEngine:
             outputs.append(out)
             if out.finished:
                 self._finish(seq)
+            else:
+                self.kv.cache_full_blocks(seq)
         return outputs
 
     def _finish(self, seq: Sequence) -> None:
@@ -195,10 +219,11 @@ class LLMEngine:
                                                  for a in self.adapters.list())
 
     def reset_prefix_cache(self) -> bool:
-        """Forgets every cached prefix block no request holds (call on the step thread)."""
-        self.kv.reset_prefix_cache()
+        """Forgets every cached prefix block no request holds (call on the step thread); False when
+        blocks in use kept some of the cache."""
+        done = self.kv.reset_prefix_cache()
         self._update_stats()
-        return True
+        return done
 
     # ---- chat
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,

@@ -46,8 +46,9 @@ class StepHandle:
         self._event: torch.cuda.Event | None = None
 
     def copy_to_host(self, ids: torch.Tensor) -> None:
+        """Starts the copy; on CPU a snapshot, read in ``result()`` (the same overlapped path as on CUDA)."""
         if self.runner.device.type != "cuda":
-            self.tokens = ids.tolist()
+            self._host = ids.clone()
             return
         self._host = torch.empty(ids.shape[0], dtype=torch.int64, pin_memory=True)
         self._host.copy_(ids, non_blocking=True)
@@ -56,8 +57,9 @@ class StepHandle:
 
     def result(self) -> StepResult:
         """Waits for the tokens; appends them to the runner's view of each request."""
-        if self.tokens is None and self._event is not None and self._host is not None:
-            self._event.synchronize()
+        if self.tokens is None and self._host is not None:
+            if self._event is not None:
+                self._event.synchronize()
             self.tokens = self._host.tolist()
         tokens = self.tokens or []
         logprobs = self.logprobs or [None] * len(tokens)

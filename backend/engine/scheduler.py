@@ -23,11 +23,10 @@ SlotAssigner = Callable[[set[Any]], dict[Any, int]]
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run this step
+    samples: bool = field(init=False)  # the chunk reaches the end of the sequence's tokens: one is sampled
 
-    @property
-    def samples(self) -> bool:
-        """True when this step's chunk reaches the end of the sequence's tokens."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +135,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget <= 0:
                 continue
+            if seq.num_pending and seq.num_output_tokens + seq.num_pending >= seq.max_tokens:
+                continue  # its last token is on the way: nothing more to compute
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, n):
                 victim = self._pick_victim()
@@ -206,9 +207,11 @@ class Scheduler:
         else:
             self.waiting.sort(key=lambda s: s.arrival_index)
 
-    # ---- after the runner
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advances computed tokens and publishes newly full blocks in the prefix cache."""
+    # ---- after the launch
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step is on the device: its tokens count as computed, each sample as one pending token,
+        and newly full blocks of known tokens go to the prefix cache."""
         for item in out.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_pending += item.samples
             self.kv.cache_full_blocks(item.seq)

@@ -35,6 +35,7 @@ class Sequence:
     adapter: Any = None  # the registry's AdapterVersion pinned by this request
     early_stop_ids: list[int] = field(default_factory=list)  # masked until min_tokens: EOS, stop token ids
     output_token_ids: list[int] = field(default_factory=list)
+    num_pending: int = 0  # tokens sampled on the device whose values the host has not processed yet
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first schedule (-1 = not yet)
     block_ids: list[int] = field(default_factory=list)
@@ -51,7 +52,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt, output and pending tokens: what the scheduler must have computed KV for."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

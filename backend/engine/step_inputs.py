@@ -82,6 +82,11 @@ class StepInputs:
                                                                                                      self.query_lens)
 
 
+def _chunk(token_ids: list[int], r: ScheduledRequest) -> list[int]:
+    chunk = token_ids[r.start:r.start + r.num_new_tokens]
+    return chunk + [-1] * (r.num_new_tokens - len(chunk))
+
+
 class RequestTable:
     """Every request the runner knows, with a host block table row each."""
 
@@ -128,11 +133,12 @@ class RequestTable:
         query_lens = np.fromiter((r.num_new_tokens for r in reqs), dtype=np.int64, count=b)
         starts = np.fromiter((r.start for r in reqs), dtype=np.int64, count=b)
         t = int(query_lens.sum())
+        # a token sampled last step may still be on the device: -1 here, the runner fills it in there
         if t == b:  # decode: one token each
-            ids = [s.token_ids[r.start] for r, s in zip(reqs, states, strict=True)]
+            ids = [s.token_ids[r.start] if r.start < len(s.token_ids) else -1 for r, s in zip(reqs, states, strict=True)]
             positions = starts
         else:
-            ids = [tok for r, s in zip(reqs, states, strict=True) for tok in s.token_ids[r.start:r.start + r.num_new_tokens]]
+            ids = [tok for r, s in zip(reqs, states, strict=True) for tok in _chunk(s.token_ids, r)]
             offsets = np.arange(t, dtype=np.int64) - np.repeat(np.cumsum(query_lens) - query_lens, query_lens)
             positions = np.repeat(starts, query_lens) + offsets
         seq_lens = starts + query_lens

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraplex.backend.engine.request import ChatInput
 from loraplex.backend.server import convert
 from loraplex.backend.server.messages import Msg
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.errors import InvalidRequestError
 
 
-def tokenize_prompt(request: pb.TokenizeRequest, render_chat: convert.ChatRenderer) -> str:
-    """The text Generate would tokenize for the same input."""
+def tokenize_input(request: pb.TokenizeRequest) -> tuple[str | None, ChatInput | None]:
+    """(prompt text, or chat input rendered as Generate renders it) of a Tokenize request."""
     kind = request.WhichOneof("input")
     if kind == "prompt":
         if not request.prompt:
             raise InvalidRequestError("prompt", Msg.EMPTY_PROMPT.value)
-        return request.prompt
+        return request.prompt, None
     if kind == "chat":
-        return convert.render_chat_from_pb(request.chat, render_chat)
+        return None, convert.chat_from_pb(request.chat)
     raise InvalidRequestError("input", Msg.TOKENIZE_INPUT_MISSING.value)
 
 

@@ -180,8 +180,11 @@ class ControlServicer(InferenceServicer):
 
     @grpc_errors
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        prompt = control.tokenize_prompt(request, self.engine.apply_chat_template)
-        ids = await self.engine.tokenize(prompt, None, None, None, control.add_special_tokens(request))
+        prompt, chat = control.tokenize_input(request)
+        if chat is None:
+            ids = await self.engine.tokenize(prompt, None, None, None, control.add_special_tokens(request))
+        else:
+            ids = await self.engine.tokenize(None, chat.messages, chat.tools, chat.template_kwargs)
         return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=self.engine.max_model_len)
 
     @grpc_errors

@@ -25,8 +25,9 @@ def run_step(s: Scheduler, token: int = 7) -> SchedulerOutput:
     """One step with a fake model: every sequence that reaches its end samples ``token``."""
     out = s.schedule()
     samplers = [i.seq for i in out.scheduled if i.samples]
-    s.update_after_step(out)
+    s.advance(out)
     for seq in samplers:
+        seq.num_pending -= 1
         seq.output_token_ids.append(token)
         if seq.num_output_tokens >= seq.max_tokens:
             s.finish(seq)
@@ -41,10 +42,10 @@ def test_token_budget_and_chunked_prefill():
     out = s.schedule()
     assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 10)]
     assert not out.scheduled[0].samples
-    s.update_after_step(out)
+    s.advance(out)
     out = s.schedule()  # a takes the whole budget again; b waits
     assert out.scheduled[0].num_new_tokens == 10
-    s.update_after_step(out)
+    s.advance(out)
     out = s.schedule()
     assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 5), ("b", 3)]
     assert all(i.samples for i in out.scheduled)

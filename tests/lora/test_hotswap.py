@@ -126,7 +126,7 @@ def test_bad_adapters_refused_while_traffic_runs(world):
                 await engine.load_adapter(f"bad-{name}", source)
             assert engine.is_healthy()
         assert await asyncio.gather(*traffic) == expected["a1"]
-        assert [a.name for a in engine.list_adapters()] == ["A"]
+        assert [a.name for a in await engine.list_adapters()] == ["A"]
         assert_no_leaks(engine.engine)
         await engine.shutdown()
 

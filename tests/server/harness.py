@@ -5,6 +5,7 @@ stubs and the clients from the main thread (sync, or their own ``asyncio.run``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import tempfile
 import threading
@@ -134,3 +135,13 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
 
 def _label_pairs(text: str) -> list[tuple[str, str]]:
     return re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text)
+
+
+@functools.cache
+def demo_tokenizer() -> Any:
+    """The demo model's tokenizer, loaded apart from the server (the reference in tests)."""
+    from transformers import AutoTokenizer
+
+    from loraplex.backend.demo import DEMO_MODEL_DIR
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)

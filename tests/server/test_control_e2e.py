@@ -12,7 +12,7 @@ import pytest
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.health import SERVICE_NAME
 from loraplex.clients import AsyncClient, Client, pb
-from tests.server.harness import RunningServer, chat_request, read_rest
+from tests.server.harness import RunningServer, chat_request, demo_tokenizer, read_rest
 from tests.server.reflect import ReflectionClient
 
 TOKEN = "control-token"
@@ -29,7 +29,7 @@ async def wait_load(client: AsyncClient, ok: object, timeout: float = 30.0) -> p
 
 
 def test_tokenize_matches_generate_and_detokenize_round_trips(demo: RunningServer) -> None:
-    tokenizer = demo.engine.tokenizer
+    tokenizer = demo_tokenizer()
     with Client(demo.target) as client:
         ids = client.tokenize("hello world", timeout=10)
         assert ids == list(tokenizer.encode("hello world", add_special_tokens=True))
@@ -60,7 +60,8 @@ def test_abort_from_another_connection_ends_the_stream_and_frees_kv(demo: Runnin
             assert not first.finished
             busy = await control.get_load(timeout=10)
             assert busy.running + busy.waiting >= 1 and busy.kv_blocks_used > 0 and busy.kv_usage > 0
-            assert "reverse" in busy.resident_adapters
+            # adapter gauges refresh at most every 0.25 s while the engine runs (per-step snapshot)
+            await wait_load(control, lambda lo: "reverse" in lo.resident_adapters)
             assert await control.abort("ctl-abort-1", timeout=10) is True
             rest = await read_rest(call)
             final = rest[-1]
@@ -134,7 +135,7 @@ def test_reflection_v1_lists_describes_and_calls(demo: RunningServer, auth_targe
         assert set(CONTROL_RPCS) | {"Generate", "LoadAdapter"} <= set(service.methods_by_name)
         assert "ServerReflectionInfo" in client.describe("grpc.reflection.v1.ServerReflection").methods_by_name
         ids = client.unary(SERVICE_NAME, "Tokenize", prompt="hello").token_ids
-        assert list(ids) == list(demo.engine.tokenizer.encode("hello"))
+        assert list(ids) == list(demo_tokenizer().encode("hello"))
         assert client.unary(SERVICE_NAME, "Detokenize", token_ids=list(ids)).text == "hello"
         assert client.unary(SERVICE_NAME, "Abort", request_id="nobody").aborted is False
         assert client.unary(SERVICE_NAME, "GetLoad").kv_blocks_total > 0

@@ -16,7 +16,7 @@ from loraplex.backend.server.config import ServerConfig
 from loraplex.clients import Client
 from loraplex.config import LoRAConfig
 from loraplex.errors import ConfigError
-from tests.server.harness import RunningServer, chat_request, start_server, stop_server
+from tests.server.harness import RunningServer, chat_request, demo_tokenizer, start_server, stop_server
 
 
 def test_servers_listen_on_loopback_by_default() -> None:
@@ -60,7 +60,7 @@ def test_deeply_nested_json_is_invalid_argument(demo: RunningServer, field: str)
 
 
 def test_min_tokens_masks_eos(demo: RunningServer) -> None:
-    eos = demo.engine.tokenizer.eos_token_id
+    eos = demo_tokenizer().eos_token_id
     with Client(demo.target) as client:
         plain = client.generate(chat_request("ab", max_tokens=40), timeout=30)
         assert plain.token_ids[-1] == eos and len(plain.token_ids) < 20  # the demo model stops early
