@@ -116,11 +116,3 @@ async def read_rest(call: grpc.aio.UnaryStreamCall) -> list[pb.GenerateResponse]
         chunks.append(chunk)
     return chunks
 
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of ``name{labels}`` in a /metrics scrape (0 when absent)."""
-    key = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
