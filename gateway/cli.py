@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the base model's id in the API (default: the backend's model name)")
     parser.add_argument("--request-timeout", type=float, default=None,
                         help="seconds each generation may take (gRPC deadline; default none)")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--log-level", default="info", type=str.lower,
+                        choices=("critical", "error", "warning", "info", "debug"))
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:

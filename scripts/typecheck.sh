@@ -11,4 +11,5 @@ for f in loraplex_pkg/*.py loraplex_pkg/py.typed; do
   [[ -e $f ]] && ln -s "$PWD/$f" "$tree/loraplex/"
 done
 for d in backend lora kernels gateway clients; do ln -s "$PWD/$d" "$tree/loraplex/$d"; done
-MYPYPATH=$tree exec "$PY" -m mypy -p loraplex "$@"
+# PYTHONPATH unset: mypy must read the package from this tree only, not from a second copy on the path
+MYPYPATH=$tree exec env -u PYTHONPATH "$PY" -m mypy -p loraplex "$@"

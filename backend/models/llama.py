@@ -9,7 +9,7 @@ batch of tokens; attention and LoRA metadata arrive through the forward context.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -143,7 +143,7 @@ class DecoderModel(nn.Module):
     def lora_linears(self) -> list[tuple[int, str, tuple[str, ...], LoRALinear]]:
         """(layer, group, modules, layer object) of every LoRA-able linear."""
         out = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast("list[DecoderLayer]", self.layers)):
             attn, mlp = layer.self_attn, layer.mlp
             out += [(i, "qkv_proj", ("q_proj", "k_proj", "v_proj"), attn.qkv_proj),
                     (i, "o_proj", ("o_proj",), attn.o_proj),
