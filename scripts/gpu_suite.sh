@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-.out}; mkdir -p "$OUT"; export OUT PYTHONUNBUFFERED=1
 what=${1:-all}
 # Import loraplex from this tree without installing (the device machine has no package index).
-pkg=$(mktemp -d); mkdir -p "$pkg/loraplex"; cp loraplex_pkg/__init__.py "$pkg/loraplex/"
+pkg=$(mktemp -d); mkdir -p "$pkg/loraplex"; cp loraplex_pkg/*.py "$pkg/loraplex/"
 for d in backend lora kernels gateway clients; do ln -s "$PWD/$d" "$pkg/loraplex/$d"; done
 export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

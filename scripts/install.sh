@@ -30,6 +30,9 @@ if up_to_date; then
   exit 0
 fi
 echo "== installing loraplex[$EXTRAS] into $PREFIX (first run, or pyproject.toml/setup.py changed)"
+if "$PY" -c 'import sys; sys.exit(sys.prefix != sys.base_prefix)'; then
+  echo "   (not a virtualenv: consider \`python3 -m venv .venv && source .venv/bin/activate\` first)"
+fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if has_gpu; then
     "$PY" -m pip install torch
