@@ -19,7 +19,6 @@ SERVE_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.
                "--kv-cache-memory-bytes", str(32 * 2**20)]
 
 
-
 @dataclass
 class Stack:
     target: str  # the backend's gRPC address
