@@ -6,7 +6,14 @@ import os
 from typing import Any
 
 import pytest
-import torch
+
+# One intra-op thread for torch here and in every server process a test starts (they inherit
+# the environment): on a 2-core machine shared with other work, torch's OpenMP threads wait on
+# each other and the demo-accuracy test went from 10 s to over 5 minutes; the tiny test models
+# gain nothing from a second thread. Set before torch is imported; an explicit value wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run in Triton's interpreter. The flag must be set before
 # any module decorates a kernel, i.e. before the first test module imports loraplex.kernels.
