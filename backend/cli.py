@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the gRPC server (no --model: the built-in demo model)",
                            description="Run the gRPC inference server. Every flag comes from the typed config.")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       help="server log level; default: INFO")
+    serve.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
+                       help="server log level (any casing, as for `loraplex gateway`); default: info")
     add_config_flags(serve)
     serve.set_defaults(func=cmd_serve)
     _add_generate(sub)
@@ -136,7 +136,7 @@ def _add_control(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = engine_config_from_args(args)
     server_config = server_config_from_args(args)
     check_model_source(engine_config.model.model, engine_config.model.revision)

@@ -17,8 +17,15 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import loraplex.clients` never imports torch.
     if name == "LLM":
-        from loraplex.backend.llm import LLM
+        try:
+            from loraplex.backend.llm import LLM
+        except ModuleNotFoundError as exc:
+            from loraplex.extras import missing_extra
 
+            error = missing_extra(exc, "server", "loraplex.LLM")
+            if error is None:
+                raise
+            raise error from None
         return LLM
     if name == "SamplingParams":
         from loraplex.backend.sampling_params import SamplingParams

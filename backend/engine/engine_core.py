@@ -192,6 +192,6 @@ class EngineCore:
 
     def _fail_all(self, message: str) -> None:
         self._serial_of.clear()
-        outputs = [o for rid in list(self.engine.seqs) if (o := self.engine.abort(rid, error=message))]
+        outputs: list[Emitted] = [o for rid in list(self.engine.seqs) if (o := self.engine.abort(rid, error=message))]
         if outputs:
             self._emit(outputs)

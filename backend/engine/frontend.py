@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from loraplex.backend.engine.engine_core import Emitted, RequestFailure
@@ -96,7 +96,7 @@ class FrontEnd:
         return load_report(self._snapshot(), tuple(sorted(self._loading)), self.config.lora.max_loras)
 
     # ---- requests
-    async def generate(self, req: EngineRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, req: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         rid = req.request_id
         queue = self._reserve(rid)  # no await before this: the bound holds however many arrive at once
         serial = 0

@@ -8,7 +8,7 @@ process) and ``CoreProcessClient`` (the engine core in a process of its own,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,7 +99,7 @@ class EngineClient(Protocol):
     def num_unfinished(self) -> int: ...
 
     # ---- requests
-    def generate(self, req: EngineRequest) -> AsyncIterator[RequestOutput]:
+    def generate(self, req: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Deltas of ``req``; the last has ``finished``. Closing the iterator early aborts the request."""
         ...
 

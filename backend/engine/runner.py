@@ -10,6 +10,7 @@ back with one device-to-host copy per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from loraplex.backend.engine.sampler import Sampler, SamplingBatch, make_generat
 from loraplex.backend.engine.scheduler import SchedulerOutput
 from loraplex.backend.engine.step_inputs import RequestState, RequestTable, StepInputs
 from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forward_context
-from loraplex.backend.models.llama import DecoderModel
+from loraplex.backend.models.llama import DecoderLayer, DecoderModel
 from loraplex.backend.outputs import Logprob
 from loraplex.backend.sampling_params import SamplingParams
 from loraplex.kernels.lora import LoRABatchMeta
@@ -109,7 +110,7 @@ class ModelRunner:
         spec = self.model.spec
         shape = (spec.num_layers, 2, num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(cast("list[DecoderLayer]", self.model.layers)):
             layer.self_attn.attn.bind_cache(self.kv_cache[i, 0], self.kv_cache[i, 1])
 
     # ---- one step
@@ -129,6 +130,8 @@ class ModelRunner:
             return handle
         inputs = self.table.build(out)
         source = self._pending_sources(inputs)
+        logits: torch.Tensor | None
+        greedy: torch.Tensor | None
         if inputs.is_decode and self.graphs is not None and self.graphs.fits(len(inputs.requests)):
             logits, greedy = self.graphs.run(inputs, source)
         else:

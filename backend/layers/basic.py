@@ -39,6 +39,9 @@ class RotaryEmbedding(nn.Module):
     cos/sin are precomputed for every position up to ``max_positions``.
     """
 
+    cos: torch.Tensor  # [max_positions, D] buffers (typed here: nn.Module's __getattr__ is not)
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
         super().__init__()
         t = torch.arange(max_positions, dtype=torch.float32)

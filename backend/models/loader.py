@@ -8,11 +8,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
 
+from loraplex.backend.layers.lora import LoRALinear
 from loraplex.backend.models.llama import FUSED, ArchSpec, DecoderModel
 from loraplex.errors import ConfigError, UnsupportedModelError
 
@@ -118,7 +119,7 @@ def _copy_tensor(model: DecoderModel, params: dict[str, torch.nn.Parameter], nam
         if module in FUSED:
             fused_name, index = FUSED[module]
             target = f"layers.{parts[1]}.{fused_name}.{leaf}"
-            layer = model.get_submodule(f"layers.{parts[1]}.{fused_name}")
+            layer = cast(LoRALinear, model.get_submodule(f"layers.{parts[1]}.{fused_name}"))
             start = sum(layer.out_slices[:index])
             params[target].data[start:start + layer.out_slices[index]].copy_(tensor)
             return target if index == len(layer.out_slices) - 1 else f"{target}#{index}"

@@ -98,7 +98,7 @@ def chat_from_pb(chat: pb.ChatInput) -> ChatInput:
 
 def _message_from_pb(index: int, m: pb.ChatMessage) -> dict[str, Any]:
     _require(m.role in ROLES, f"chat.messages[{index}].role",
-             Msg.BAD_ROLE.format(index=index, role=m.role, roles=list(ROLES)))
+             Msg.BAD_ROLE.value.format(role=m.role, roles=list(ROLES)))
     message: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.name:
         message["name"] = m.name

@@ -33,7 +33,7 @@ from loraplex.clients.v1 import inference_pb2 as pb
 
 log = logging.getLogger("loraplex.server")
 
-_METHODS = {  # name: (request type, response type, server-streaming)
+_METHODS: dict[str, tuple[Any, Any, bool]] = {  # name: (request type, response type, server-streaming)
     "Generate": (pb.GenerateRequest, pb.GenerateResponse, True),
     "LoadAdapter": (pb.LoadAdapterRequest, pb.LoadAdapterResponse, False),
     "UnloadAdapter": (pb.UnloadAdapterRequest, pb.UnloadAdapterResponse, False),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex import LLM, SamplingParams
+from loraplex import SamplingParams
 from loraplex.backend.demo import DEMO_ADAPTERS, expected_output, sample_inputs
 from tests.engine_factory import assert_no_leaks
 
@@ -13,15 +13,14 @@ TASKS: list[str | None] = [None, *sorted(DEMO_ADAPTERS)]
 N_PER_TASK = 100
 
 
-@pytest.fixture(scope="module")
-def llm():
-    return LLM(max_num_seqs=128, max_num_batched_tokens=4096)
+ENGINE_ARGS = {"max_num_seqs": 128, "max_num_batched_tokens": 4096}  # the `llm` fixture: the demo model
 
 
 def test_demo_adapters_are_registered(llm):
     assert {a.name for a in llm.list_adapters()} == set(DEMO_ADAPTERS)
 
 
+@pytest.mark.slow  # 500 requests of up to 96 tokens: minutes on a CPU
 def test_one_mixed_generate_call_accuracy(llm):
     inputs = sample_inputs(N_PER_TASK, seed=777)  # held out: training used other seeds
     prompts, adapters, expected = [], [], []

@@ -158,6 +158,7 @@ def test_expected_output_formats() -> None:
 # ----------------------------------------------------------------------------- behaviour
 
 
+@pytest.mark.slow  # HF generate on 125 prompts per task: minutes on a CPU
 @pytest.mark.parametrize("task", [None, *DEMO_TASKS])
 def test_greedy_accuracy(tokenizer: Any, task: str | None) -> None:
     texts = sample_inputs(N_HELDOUT, seed=2024)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex import LLM, SamplingParams
+from loraplex import SamplingParams
 from loraplex.backend.engine.request import EngineRequest
 from loraplex.errors import AdapterNotFoundError, InvalidRequestError
-from tests.engine_factory import assert_no_leaks, write_tiny_model
+from tests.engine_factory import assert_no_leaks
 
 PARAM_CASES = [
     ({"temperature": -0.1}, "temperature"), ({"temperature": 2.01}, "temperature"),
@@ -36,10 +36,8 @@ def test_sampling_params_at_the_limit_are_accepted(kwargs):
     SamplingParams(**kwargs)
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = write_tiny_model(tmp_path_factory.mktemp("bad"), "llama")
-    return LLM(str(path), dtype="float32", kv_cache_memory_bytes=2**26, max_model_len=64, max_loras=2, max_lora_rank=8)
+TINY_MODEL = "llama"  # the `llm` fixture of tests/conftest.py
+ENGINE_ARGS = {"max_model_len": 64, "max_loras": 2, "max_lora_rank": 8}
 
 
 def request_cases(vocab: int) -> list[tuple[EngineRequest, str]]:

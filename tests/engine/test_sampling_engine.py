@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
+from loraplex import SamplingParams
+from tests.engine_factory import assert_no_leaks
 
-from loraplex import LLM, SamplingParams
-from tests.engine_factory import assert_no_leaks, write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    path = write_tiny_model(tmp_path_factory.mktemp("sampling"), "qwen3")
-    return LLM(str(path), dtype="float32", kv_cache_memory_bytes=2**26, enable_lora=False, max_num_seqs=32)
+TINY_MODEL = "qwen3"  # the `llm` fixture of tests/conftest.py
+ENGINE_ARGS = {"enable_lora": False, "max_num_seqs": 32}
 
 
 def test_same_seed_same_tokens_alone_and_in_a_batch_of_16(llm):

@@ -4,10 +4,7 @@ and ``loraplex gateway`` in front of it, on free loopback ports, as a user start
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,14 +13,10 @@ from pathlib import Path
 
 from gateway_harness import free_port
 
+from tests.helpers import loraplex_command
+
 SERVE_FLAGS = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                "--kv-cache-memory-bytes", str(32 * 2**20)]
-
-
-def loraplex_command() -> list[str]:
-    """The console script when installed (as a user types it), else the module."""
-    script = shutil.which("loraplex")
-    return [script] if script else [sys.executable, "-m", "loraplex.backend.cli"]
 
 
 @dataclass
@@ -117,17 +110,3 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeou
         time.sleep(0.2)
     raise RuntimeError(f"gateway not healthy after {timeout}s:\n{log_path.read_text()}")
 
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of the first ``name`` series whose labels include ``labels`` (0 when absent)."""
-    want = set(_label_pairs(labels))
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        base, _, rest = series.partition("{")
-        if base == name and want <= set(_label_pairs(rest)):
-            return float(value)
-    return 0.0
-
-
-def _label_pairs(text: str) -> list[tuple[str, str]]:
-    return re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text)

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from loraplex.gateway.app import create_app
 from loraplex.gateway.config import GatewayConfig
+from tests.helpers import wait_until
 
 T = TypeVar("T")
 
@@ -66,12 +67,7 @@ class GatewayHarness:
             time.sleep(0.02)
 
     def wait_until(self, predicate: Any, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.02)
-        return bool(predicate())
+        return wait_until(predicate, timeout, interval=0.02)
 
     def close(self) -> None:
         self.server.should_exit = True

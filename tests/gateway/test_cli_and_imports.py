@@ -1,4 +1,4 @@
-"""The CLI's flags and environment, the config's checks, and the no-torch import rule."""
+"""The CLI's flags and environment and the config's checks (import rules: tests/test_architecture.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import openai
 import pytest
-from e2e_stack import loraplex_command, wait_healthy
+from e2e_stack import wait_healthy
 from gateway_harness import GatewayHarness, free_port
 
 from loraplex.errors import ConfigError
 from loraplex.gateway import cli
 from loraplex.gateway.config import GatewayConfig
+from tests.helpers import loraplex_command
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -67,17 +67,6 @@ def test_run_reports_a_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(parse("--backend", "nocolon")) == 2
     assert "backend" in capsys.readouterr().err
     assert cli.run(parse("--backend-ca", "/does/not/exist.pem")) == 2
-
-
-def test_gateway_import_pulls_in_no_torch_and_no_server() -> None:
-    code = (
-        "import sys, loraplex.gateway.app, loraplex.gateway.cli\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'triton')\n"
-        "       or m.startswith(('loraplex.backend', 'loraplex.lora', 'loraplex.kernels'))]\n"
-        "print(bad); sys.exit(1 if bad else 0)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_command_serves_and_stops_cleanly_on_sigterm(gw: GatewayHarness, tmp_path: Path) -> None:

@@ -4,14 +4,12 @@ driven by the official ``openai`` client; answers must equal what gRPC Generate 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from e2e_stack import API_KEY, Stack, metric_value
+from e2e_stack import API_KEY, Stack
 
 from loraplex.backend.demo import (
     DEMO_ADAPTERS,
@@ -21,6 +19,7 @@ from loraplex.backend.demo import (
     expected_output,
 )
 from loraplex.clients import Client, pb
+from tests.helpers import metric_value, wait_until
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").exists(),
                                 reason="the demo model's weights are not built")
@@ -157,22 +156,14 @@ def test_disconnect_mid_stream_frees_the_backend_request(stack: Stack) -> None:
         lines = response.iter_lines()
         for _ in range(4):
             next(lines)
-    assert wait_for(lambda: metric_value(stack.backend_metrics(), "loraplex_requests_total",
+    assert wait_until(lambda: metric_value(stack.backend_metrics(), "loraplex_requests_total",
                                          'outcome="cancelled"') > before), "the gRPC call was not cancelled"
-    assert wait_for(lambda: metric_value(stack.backend_metrics(), "loraplex_grpc_streams_in_flight") == 0)
+    assert wait_until(lambda: metric_value(stack.backend_metrics(), "loraplex_grpc_streams_in_flight") == 0)
     with Client(stack.target) as client:
-        assert wait_for(lambda: all(a.running_requests == 0 for a in client.list_adapters()))
-    assert wait_for(lambda: metric_value(stack.backend_metrics(), "loraplex_num_requests_running") == 0), (
+        assert wait_until(lambda: all(a.running_requests == 0 for a in client.list_adapters()))
+    assert wait_until(lambda: metric_value(stack.backend_metrics(), "loraplex_num_requests_running") == 0), (
         "the engine still counts the cancelled request as running:\n" + stack.backend_metrics())
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_health_and_metrics(stack: Stack) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_stack import SERVE_FLAGS, loraplex_command, metric_value, stop_processes, wait_healthy
+from e2e_stack import SERVE_FLAGS, stop_processes, wait_healthy
 from gateway_harness import free_port
 
 from loraplex.clients import Client, pb
@@ -26,6 +26,7 @@ from loraplex.gateway.config import GatewayConfig
 from loraplex.gateway.errors import OpenAIError
 from loraplex.gateway.metrics import GatewayMetrics
 from loraplex.gateway.routing import Router, format_address, rendezvous_order, score
+from tests.helpers import loraplex_command, metric_value
 
 
 class FakeClient:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import tempfile
 import threading
 import urllib.request
@@ -120,22 +119,6 @@ async def read_rest(call: grpc.aio.UnaryStreamCall) -> list[pb.GenerateResponse]
     while (chunk := await call.read()) != grpc.aio.EOF:
         chunks.append(chunk)
     return chunks
-
-
-def metric_value(text: str, name: str, labels: str = "") -> float:
-    """The value of the first ``name`` series whose labels include ``labels`` (0 when absent)."""
-    want = set(_label_pairs(labels))
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        base, _, rest = series.partition("{")
-        if base == name and want <= set(_label_pairs(rest)):
-            return float(value)
-    return 0.0
-
-
-def _label_pairs(text: str) -> list[tuple[str, str]]:
-    return re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', text)
-
 
 @functools.cache
 def demo_tokenizer() -> Any:

@@ -15,7 +15,8 @@ import pytest
 from loraplex.backend.demo import DEMO_ADAPTERS, expected_output
 from loraplex.backend.engine.protocol import ABORTED_BY_REQUEST
 from loraplex.clients import Client
-from tests.server.harness import RunningServer, chat_request, metric_value, start_server, stop_server
+from tests.helpers import metric_value
+from tests.server.harness import RunningServer, chat_request, start_server, stop_server
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import pytest
 
 from loraplex.backend.demo import DEMO_ADAPTERS, expected_output, sample_inputs
 from loraplex.clients import AsyncClient, Client, pb
-from tests.server.harness import RunningServer, chat_request, metric_value, read_rest
+from tests.helpers import metric_value
+from tests.server.harness import RunningServer, chat_request, read_rest
 
 BASE_TASKS = ["", "reverse", "upper"]  # adapters the engine registers with the demo model
 

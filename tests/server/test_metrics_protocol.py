@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from loraplex.backend.cli_args import add_config_flags, server_config_from_args
 from loraplex.backend.demo import DEMO_ADAPTERS
 from loraplex.clients import Client
-from tests.server.harness import RunningServer, chat_request, metric_value, start_server, stop_server
+from tests.helpers import metric_value
+from tests.server.harness import RunningServer, chat_request, start_server, stop_server
 
 # what the endpoint picker, llm-d's scorers and AIBrix read, with vLLM's types
 PROTOCOL = {"vllm:num_requests_waiting": "gauge", "vllm:num_requests_running": "gauge",

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loraplex.backend.engine.stats import AdapterResidency, EngineStats
 from loraplex.backend.metrics import Metrics
 from loraplex.backend.outputs import RequestOutput, RequestTimings
-from tests.server.harness import metric_value
+from tests.helpers import metric_value
 
 MODEL = "demo-model"
 STATS = EngineStats(num_waiting=2, num_running=3, kv_blocks_total=10, kv_blocks_used=4, lora_slots_total=2,

@@ -17,7 +17,7 @@ from loraplex.backend.tracing import (
     get_tracer,
     request_attributes,
 )
-from tests.server.harness import metric_value
+from tests.helpers import metric_value
 
 
 def scrape(metrics: Metrics) -> str:

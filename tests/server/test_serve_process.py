@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,17 +18,14 @@ import pytest
 
 from loraplex.backend.demo import expected_output
 from loraplex.clients import AsyncClient, Client
-from tests.server.harness import chat_request, metric_value, read_rest
+from tests.helpers import loraplex_command, metric_value
+from tests.server.harness import chat_request, read_rest
 
 LOADER = [sys.executable, "-m", "loraplex.backend.cli"]
+
 SERVE_FLAGS = ["--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
                "--grace-period", "30", "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 * 2**20)]
 
-
-def loraplex_command() -> list[str]:
-    """The console script when installed (as a user would type it), else the module."""
-    script = shutil.which("loraplex")
-    return [script] if script else LOADER
 
 
 @dataclass
