@@ -34,6 +34,7 @@ from loraplex.gateway.responses import (
 from loraplex.gateway.security import read_json
 from loraplex.gateway.serving import respond, total_usage, validate
 from loraplex.gateway.state import GatewayState, Target
+from loraplex.gateway.structured import chat_constraint, constrain, declared_only, relabel_errors
 from loraplex.gateway.tool_parser import ParsedToolCall
 from loraplex.gateway.translate import chat_requests
 
@@ -76,15 +77,16 @@ class ChatEndpoint:
         self.id = new_id("chatcmpl")
         self.created = now()
         self._state = state
+        self.constraint = chat_constraint(req)  # response_format, structured_outputs, forced tool calls
         self._choices = [_Choice(self._parser()) for _ in range(req.n)]
 
     def _parser(self) -> OutputParser:
         tools_active = bool(self.req.tools_for_template())
         return OutputParser(self._state.reasoning_parser(self.req.chat_template_kwargs),
-                            self._state.tool_parser(tools_active))
+                            declared_only(self._state.tool_parser(tools_active), self.req.tool_names()))
 
     def requests(self) -> list[pb.GenerateRequest]:
-        return chat_requests(self.req, adapter=self.adapter, request_id=self.id)
+        return constrain(chat_requests(self.req, adapter=self.adapter, request_id=self.id), self.constraint)
 
     # ---- streaming ----
 
@@ -170,7 +172,9 @@ async def create_chat_completion(request: Request) -> Response:
         req = validate(ChatCompletionRequest, await read_json(request, state.config.max_request_bytes))
         target = await state.target(req.model)
         span.set("gen_ai.request.model", target.model)
-        return await respond(request, state, ChatEndpoint(req, target, state), span)
+        endpoint = ChatEndpoint(req, target, state)
+        with relabel_errors(endpoint.constraint):
+            return await respond(request, state, endpoint, span)
     except OpenAIError as err:
         span.end(err.status, err.message)
         raise

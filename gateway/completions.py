@@ -28,6 +28,7 @@ from loraplex.gateway.responses import (
 from loraplex.gateway.security import read_json
 from loraplex.gateway.serving import respond, total_usage, validate
 from loraplex.gateway.state import GatewayState, Target
+from loraplex.gateway.structured import constrain, constraint_of, relabel_errors
 from loraplex.gateway.translate import completion_requests
 
 ROUTE = "/v1/completions"
@@ -51,12 +52,13 @@ class CompletionEndpoint:
         self.stream = req.stream
         self.id = new_id("cmpl")
         self.created = now()
+        self.constraint = constraint_of(req)
         prompts = req.prompts()
         self._choices = [_Choice(echo=p if req.echo and isinstance(p, str) else "")
                          for p in prompts for _ in range(req.n)]
 
     def requests(self) -> list[pb.GenerateRequest]:
-        return completion_requests(self.req, adapter=self.adapter, request_id=self.id)
+        return constrain(completion_requests(self.req, adapter=self.adapter, request_id=self.id), self.constraint)
 
     def on_response(self, index: int, response: pb.GenerateResponse) -> list[str]:
         choice = self._choices[index]
@@ -123,7 +125,9 @@ async def create_completion(request: Request) -> Response:
         req = validate(CompletionRequest, await read_json(request, state.config.max_request_bytes))
         target = await state.target(req.model)
         span.set("gen_ai.request.model", target.model)
-        return await respond(request, state, CompletionEndpoint(req, target), span)
+        endpoint = CompletionEndpoint(req, target)
+        with relabel_errors(endpoint.constraint):
+            return await respond(request, state, endpoint, span)
     except OpenAIError as err:
         span.end(err.status, err.message)
         raise

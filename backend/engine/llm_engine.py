@@ -22,6 +22,7 @@ from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
 from loraplex.backend.engine.setup import EngineParts, build_engine_parts
 from loraplex.backend.engine.stats import EngineStats
+from loraplex.backend.engine.structured import StructuredOutputs, after_token
 from loraplex.backend.outputs import RequestOutput
 from loraplex.config import EngineConfig
 from loraplex.errors import InvalidRequestError
@@ -47,6 +48,7 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, max_num_seqs=config.scheduler.max_num_seqs)
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats(kv_blocks_total=parts.num_blocks)
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_ids)
 
     @property
     def device(self) -> torch.device:
@@ -66,8 +68,9 @@ class LLMEngine:
             raise InvalidRequestError(
                 "max_tokens", f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len="
                 f"{self.max_model_len}")
+        grammar = self.structured.request_grammar(params)  # compiled (or cached) before any work is queued
         seq = Sequence(request_id=req.request_id or uuid.uuid4().hex, prompt_token_ids=prompt_ids, params=params,
-                       max_tokens=max_tokens, priority=req.priority)
+                       max_tokens=max_tokens, priority=req.priority, structured=grammar)
         seq.timings.arrival = req.arrival_time
         if req.adapter:
             if self.adapters is None:
@@ -152,6 +155,7 @@ class LLMEngine:
         for seq in samplers:
             token = result.sampled[seq.request_id]
             out = append_token(seq, token, result.logprobs.get(seq.request_id), self.eos_ids, self.max_model_len)
+            after_token(seq, out)  # advances its grammar matcher; a completed grammar ends the request
             name = seq.adapter_key[0] if seq.adapter_key else ""
             self.stats.tokens_by_adapter[name] = self.stats.tokens_by_adapter.get(name, 0) + 1
             self.stats.generation_tokens += 1

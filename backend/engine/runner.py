@@ -11,6 +11,7 @@ from loraplex.backend.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from loraplex.backend.engine.sampler import Sampler, SamplingBatch, make_generator, prompt_logprobs
 from loraplex.backend.engine.scheduler import SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence
+from loraplex.backend.engine.structured import apply_grammar_bitmask
 from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forward_context
 from loraplex.backend.models.llama import DecoderModel
 from loraplex.backend.outputs import Logprob
@@ -145,6 +146,7 @@ class ModelRunner:
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, result: StepResult) -> None:
         seqs = inputs.sample_seqs
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        apply_grammar_bitmask(logits, seqs)  # constrained rows: forbidden tokens -> -inf, before sampling
         generators = [self._generator(s) for s in seqs]
         batch = SamplingBatch.build([s.params for s in seqs], [s.prompt_token_ids for s in seqs],
                                     [s.output_token_ids for s in seqs], generators, self.vocab_size, self.device)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x04 \x03(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xac\x01\n\tChatInput\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x03(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x03 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xad\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x11\n\x04seed\x18\n \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\r \x01(\x08\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x16.loraplex.v1.ChatInputH\x00\x12/\n\x06params\x18\x06 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"t\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12$\n\x03top\x18\x05 \x03(\x0b\x32\x17.loraplex.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"O\n\x07Timings\x12\x12\n\nqueue_time\x18\x01 \x01(\x01\x12\x1b\n\x13time_to_first_token\x18\x02 \x01(\x01\x12\x13\n\x0b\x65\x32\x65_latency\x18\x03 \x01(\x01\"\x86\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x13\n\x0bstop_string\x18\x08 \x01(\t\x12\x1a\n\rstop_token_id\x18\t \x01(\rH\x00\x88\x01\x01\x12!\n\x05usage\x18\n \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x0b \x01(\x0b\x32\x14.loraplex.v1.Timings\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x0c \x01(\r\x12\r\n\x05\x65rror\x18\r \x01(\tB\x10\n\x0e_stop_token_id\"b\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\x0b\n\x03pin\x18\x05 \x01(\x08\"\xc5\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\r\n\x05\x61lpha\x18\x08 \x01(\x02\x12\x16\n\x0etarget_modules\x18\t \x03(\t\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\xc4\x01\n\x06Limits\x12\x15\n\rmax_model_len\x18\x01 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\x05 \x01(\r\x12\x1c\n\x14max_waiting_requests\x18\x06 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x07 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x08 \x01(\r\"\xa3\x01\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.loraplex.v1.Limits\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\r*\x81\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x44\x41PTER_STATE_RESIDENT\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_CACHED\x10\x02\x12\x1c\n\x18\x41\x44\x41PTER_STATE_REGISTERED\x10\x03\x32\xb4\x03\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12V\n\rGetServerInfo\x12!.loraplex.v1.GetServerInfoRequest\x1a\".loraplex.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\"i\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x04 \x03(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xac\x01\n\tChatInput\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\x12\x12\n\ntools_json\x18\x02 \x03(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x03 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe7\x04\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x11\n\x04seed\x18\n \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\r \x01(\x08\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x05\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x06\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x07\x88\x01\x01\x12\x38\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1d.loraplex.v1.StructuredOutputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\xad\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x13.loraplex.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x18\n\x0estructural_tag\x18\x06 \x01(\tH\x00\x42\x06\n\x04kind\"\x18\n\x06\x43hoice\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x16.loraplex.v1.ChatInputH\x00\x12/\n\x06params\x18\x06 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x07\n\x05input\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"t\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12$\n\x03top\x18\x05 \x03(\x0b\x32\x17.loraplex.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"O\n\x07Timings\x12\x12\n\nqueue_time\x18\x01 \x01(\x01\x12\x1b\n\x13time_to_first_token\x18\x02 \x01(\x01\x12\x13\n\x0b\x65\x32\x65_latency\x18\x03 \x01(\x01\"\x86\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x13\n\x0bstop_string\x18\x08 \x01(\t\x12\x1a\n\rstop_token_id\x18\t \x01(\rH\x00\x88\x01\x01\x12!\n\x05usage\x18\n \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x0b \x01(\x0b\x32\x14.loraplex.v1.Timings\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x0c \x01(\r\x12\r\n\x05\x65rror\x18\r \x01(\tB\x10\n\x0e_stop_token_id\"b\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12\x0b\n\x03pin\x18\x05 \x01(\x08\"\xc5\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.loraplex.v1.AdapterState\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x18\n\x10running_requests\x18\x07 \x01(\r\x12\r\n\x05\x61lpha\x18\x08 \x01(\x02\x12\x16\n\x0etarget_modules\x18\t \x03(\t\"@\n\x13LoadAdapterResponse\x12)\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x18.loraplex.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\x16\n\x14GetServerInfoRequest\"\xc4\x01\n\x06Limits\x12\x15\n\rmax_model_len\x18\x01 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\r\x12\x11\n\tmax_loras\x18\x03 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x04 \x01(\r\x12\x15\n\rmax_cpu_loras\x18\x05 \x01(\r\x12\x1c\n\x14max_waiting_requests\x18\x06 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x07 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x08 \x01(\r\"\xa3\x01\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06limits\x18\x03 \x01(\x0b\x32\x13.loraplex.v1.Limits\x12\x10\n\x08\x66\x65\x61tures\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x07 \x01(\r*\x81\x01\n\x0c\x41\x64\x61pterState\x12\x1d\n\x19\x41\x44\x41PTER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x44\x41PTER_STATE_RESIDENT\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_STATE_CACHED\x10\x02\x12\x1c\n\x18\x41\x44\x41PTER_STATE_REGISTERED\x10\x03\x32\xb4\x03\n\x10InferenceService\x12I\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse0\x01\x12P\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a .loraplex.v1.LoadAdapterResponse\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12V\n\rGetServerInfo\x12!.loraplex.v1.GetServerInfoRequest\x1a\".loraplex.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.clients.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERSTATE']._serialized_start=2794
-  _globals['_ADAPTERSTATE']._serialized_end=2923
+  _globals['_ADAPTERSTATE']._serialized_start=3054
+  _globals['_ADAPTERSTATE']._serialized_end=3183
   _globals['_CHATMESSAGE']._serialized_start=44
   _globals['_CHATMESSAGE']._serialized_end=149
   _globals['_CHATINPUT']._serialized_start=152
@@ -40,39 +40,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=326
   _globals['_TOKENIDS']._serialized_end=349
   _globals['_SAMPLINGPARAMETERS']._serialized_start=352
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=909
-  _globals['_GENERATEREQUEST']._serialized_start=912
-  _globals['_GENERATEREQUEST']._serialized_end=1144
-  _globals['_TOPLOGPROB']._serialized_start=1146
-  _globals['_TOPLOGPROB']._serialized_end=1208
-  _globals['_TOKENLOGPROB']._serialized_start=1210
-  _globals['_TOKENLOGPROB']._serialized_end=1326
-  _globals['_USAGE']._serialized_start=1328
-  _globals['_USAGE']._serialized_end=1408
-  _globals['_TIMINGS']._serialized_start=1410
-  _globals['_TIMINGS']._serialized_end=1489
-  _globals['_GENERATERESPONSE']._serialized_start=1492
-  _globals['_GENERATERESPONSE']._serialized_end=1882
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1884
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1982
-  _globals['_ADAPTERINFO']._serialized_start=1985
-  _globals['_ADAPTERINFO']._serialized_end=2182
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=2184
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2248
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2250
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2286
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2288
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2311
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2313
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2334
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2336
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2402
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2404
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2426
-  _globals['_LIMITS']._serialized_start=2429
-  _globals['_LIMITS']._serialized_end=2625
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=2628
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2791
-  _globals['_INFERENCESERVICE']._serialized_start=2926
-  _globals['_INFERENCESERVICE']._serialized_end=3362
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=967
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=970
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1143
+  _globals['_CHOICE']._serialized_start=1145
+  _globals['_CHOICE']._serialized_end=1169
+  _globals['_GENERATEREQUEST']._serialized_start=1172
+  _globals['_GENERATEREQUEST']._serialized_end=1404
+  _globals['_TOPLOGPROB']._serialized_start=1406
+  _globals['_TOPLOGPROB']._serialized_end=1468
+  _globals['_TOKENLOGPROB']._serialized_start=1470
+  _globals['_TOKENLOGPROB']._serialized_end=1586
+  _globals['_USAGE']._serialized_start=1588
+  _globals['_USAGE']._serialized_end=1668
+  _globals['_TIMINGS']._serialized_start=1670
+  _globals['_TIMINGS']._serialized_end=1749
+  _globals['_GENERATERESPONSE']._serialized_start=1752
+  _globals['_GENERATERESPONSE']._serialized_end=2142
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2144
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2242
+  _globals['_ADAPTERINFO']._serialized_start=2245
+  _globals['_ADAPTERINFO']._serialized_end=2442
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2444
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2508
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2510
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2546
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2548
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2571
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2573
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2594
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2596
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2662
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2664
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2686
+  _globals['_LIMITS']._serialized_start=2689
+  _globals['_LIMITS']._serialized_end=2885
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2888
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=3051
+  _globals['_INFERENCESERVICE']._serialized_start=3186
+  _globals['_INFERENCESERVICE']._serialized_end=3622
 # @@protoc_insertion_point(module_scope)
