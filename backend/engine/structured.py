@@ -90,7 +90,7 @@ class StructuredOutputs:
                 return compiler.compile_grammar(choice_grammar(spec.choice or []))
             if kind == "grammar":
                 return compiler.compile_grammar(spec.grammar)
-            return compiler.compile_structural_tag(spec.structural_tag)
+            return compiler.compile_structural_tag(compact_json_formats(spec.structural_tag or ""))
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own types
             raise InvalidRequestError(spec.field_name(kind), f"cannot be compiled: {_clean(exc)}") from exc
 
@@ -140,6 +140,25 @@ class RequestGrammar:
 def choice_grammar(choices: list[str]) -> str:
     """An EBNF grammar whose language is exactly ``choices`` (JSON string escapes are EBNF's)."""
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+def compact_json_formats(structural_tag: str) -> str:
+    """The structural tag with each JSON-schema region turned into the grammar of its compact
+    JSON (as the json kind writes it): xgrammar's own would allow unbounded whitespace there."""
+    import xgrammar as xgr
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "json_schema" and node.get("style", "json") == "json" and "json_schema" in node:
+            schema = node["json_schema"]
+            grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+            return {"type": "grammar", "grammar": str(grammar)}
+        return {k: rewrite(v) for k, v in node.items()}
+
+    return json.dumps(rewrite(json.loads(structural_tag)))
 
 
 def _cache_key(spec: StructuredOutputsParams) -> str:
