@@ -81,7 +81,7 @@ class StructuredOutputs:
         kind = spec.kind
         try:
             if kind == "json":
-                return compiler.compile_json_schema(json.dumps(spec.json), any_whitespace=False)
+                return compiler.compile_json_schema(json.dumps(safe_schema(spec.json)), any_whitespace=False)
             if kind == "json_object":
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "regex":
@@ -154,11 +154,31 @@ def compact_json_formats(structural_tag: str) -> str:
             return node
         if node.get("type") == "json_schema" and node.get("style", "json") == "json" and "json_schema" in node:
             schema = node["json_schema"]
-            grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+            grammar = xgr.Grammar.from_json_schema(json.dumps(safe_schema(schema)), any_whitespace=False)
             return {"type": "grammar", "grammar": str(grammar)}
         return {k: rewrite(v) for k, v in node.items()}
 
     return json.dumps(rewrite(json.loads(structural_tag)))
+
+
+_STRING_CHARS = r'^[^\x00-\x1f"\\]'  # a JSON string's unescaped characters
+_DATA_KEYS = frozenset({"enum", "const", "default", "examples"})  # values, not subschemas
+
+
+def safe_schema(schema: Any) -> Any:
+    """``schema`` with each length-bounded string (no pattern or format of its own) given the
+    equivalent pattern: xgrammar 0.2's counted-string rule lets raw control characters into the
+    JSON string, which is then not valid JSON; its pattern rule does not."""
+    if isinstance(schema, list):
+        return [safe_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYS else safe_schema(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and "pattern" not in out and "format" not in out:
+        lo, hi = int(out.get("minLength", 0)), out.get("maxLength")
+        out["pattern"] = _STRING_CHARS + "{" + f"{lo},{'' if hi is None else int(hi)}" + "}$"
+    return out
 
 
 def _cache_key(spec: StructuredOutputsParams) -> str:

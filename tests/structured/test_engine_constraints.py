@@ -58,7 +58,7 @@ def _chat(llm: LLM, text: str) -> str:
     return llm.apply_chat_template([{"role": "user", "content": text}])
 
 
-SETTINGS = settings(max_examples=3, deadline=None, database=None, derandomize=True,
+SETTINGS = settings(max_examples=8, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
@@ -66,16 +66,19 @@ SETTINGS = settings(max_examples=3, deadline=None, database=None, derandomize=Tr
 def test_demo_model_outputs_satisfy_their_constraints() -> None:
     llm = LLM(**SQUEEZED)
     demo_adapters = [None, "reverse", "upper", "tools"]
+    examples: list[int] = []
 
     @SETTINGS
     @given(st.lists(_row(demo_adapters), min_size=3, max_size=5))
     def check(rows: list[Any]) -> None:
+        examples.append(len(rows))
         free = run_batch(llm, rows, [("reverse", "Hello world"), (None, "abc 123")])
         # the grammar masks touch only their own rows
         assert [o.text for o in free] == [expected_output("reverse", "Hello world"), "abc 123"]
 
     check()
-    assert llm.engine.scheduler.num_preemptions > 0, "the test must force preemption"
+    print(f"{len(examples)} batches, {sum(examples)} constrained requests")
+    assert len(examples) >= 8 and llm.engine.scheduler.num_preemptions > 0, "the test must force preemption"
 
 
 def test_random_model_outputs_satisfy_their_constraints(tmp_path) -> None:
@@ -83,11 +86,14 @@ def test_random_model_outputs_satisfy_their_constraints(tmp_path) -> None:
     adapter = make_peft_adapter(base, tmp_path / "lora", r=4, alpha=8, targets=["q_proj", "v_proj"], seed=3)
     llm = LLM(str(base), dtype="float32", max_lora_rank=8, **SQUEEZED)
     llm.load_adapter("rnd", str(adapter))
+    examples: list[int] = []
 
-    @SETTINGS
+    @settings(SETTINGS, max_examples=20)  # a tiny model: more examples for the time
     @given(st.lists(_row([None, "rnd"]), min_size=3, max_size=5))
     def check(rows: list[Any]) -> None:
+        examples.append(len(rows))
         run_batch(llm, rows, [("rnd", "abc 123")])
 
     check()
-    assert llm.engine.scheduler.num_preemptions > 0, "the test must force preemption"
+    print(f"{len(examples)} batches, {sum(examples)} constrained requests")
+    assert len(examples) >= 8 and llm.engine.scheduler.num_preemptions > 0, "the test must force preemption"

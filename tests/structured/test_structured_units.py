@@ -124,3 +124,16 @@ def test_grammar_and_json_object_in_one_batch_with_adapters(llm: LLM) -> None:
 
 def _chat(llm: LLM, text: str) -> str:
     return llm.apply_chat_template([{"role": "user", "content": text}])
+
+
+def test_length_bounded_strings_never_take_raw_control_characters(llm: LLM) -> None:
+    # xgrammar 0.2 lets them into a string with minLength/maxLength; the engine adds a pattern
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 1, "maxLength": 4}},
+              "required": ["s"]}
+    grammar = llm.engine.structured.request_grammar(SamplingParams(structured_outputs={"json": schema}))
+    assert grammar is not None
+    prefix = llm.tokenizer.encode('{"s": "a', add_special_tokens=False)
+    grammar.advance(prefix)
+    assert grammar.rejected is None
+    grammar.advance([*prefix, 0x0F])  # the byte-level token of the control byte 0x0f
+    assert grammar.rejected == 0x0F
