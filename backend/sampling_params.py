@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from loraplex.errors import InvalidRequestError
 
@@ -11,6 +13,80 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
 MAX_STOP_TOKEN_IDS = 64
+MAX_CONSTRAINT_CHARS = 512 * 1024  # a schema, regex or grammar (as JSON text)
+MAX_CHOICES = 1024
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrained decoding (vLLM's names): set exactly one field; the output must match it.
+
+    ``json``: a JSON Schema (dict or JSON text); ``json_object``: any JSON object; ``regex``: the
+    whole output matches it; ``choice``: the output is one of these strings; ``grammar``: an
+    EBNF/GBNF grammar with a ``root`` rule; ``structural_tag``: xgrammar's structural-tag JSON.
+    ``field_prefix`` and ``field_names`` only say how errors name the fields (the gRPC edge sets
+    them to the proto's names). The engine compiles the constraint when the request arrives.
+    """
+
+    json: str | dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+    field_prefix: str = "structured_outputs"
+    field_names: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        kinds = self.kinds()
+        _check(len(kinds) == 1, self.field_prefix,
+               f"set exactly one of {', '.join(STRUCTURED_KINDS)}; got {', '.join(kinds) or 'none'}")
+        if isinstance(self.json, str):
+            self.json = _json_dict(self.field_name("json"), self.json)
+        for name in ("json", "regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_text(self.field_name(name), value if isinstance(value, str) else json.dumps(value))
+        if self.choice is not None:
+            self._check_choice()
+
+    def _check_choice(self) -> None:
+        name = self.field_name("choice")
+        assert self.choice is not None
+        self.choice = list(self.choice)
+        _check(0 < len(self.choice) <= MAX_CHOICES, name, f"give 1 to {MAX_CHOICES} strings, got {len(self.choice)}")
+        for s in self.choice:
+            _check(isinstance(s, str) and len(s) > 0, name, "each choice must be a non-empty string")
+        _check_text(name, "".join(self.choice))
+
+    def kinds(self) -> list[str]:
+        """The constraint fields that are set."""
+        return [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+
+    @property
+    def kind(self) -> str:
+        return self.kinds()[0]
+
+    def field_name(self, kind: str) -> str:
+        """The field an error about ``kind`` names, e.g. ``structured_outputs.json``."""
+        return f"{self.field_prefix}.{self.field_names.get(kind, kind)}"
+
+
+def _json_dict(field_name: str, text: str) -> dict[str, Any]:
+    _check_text(field_name, text)
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequestError(field_name, f"not valid JSON: {exc}") from exc
+    _check(isinstance(value, dict), field_name, "must be a JSON object (a JSON Schema)")
+    return value
+
+
+def _check_text(field_name: str, text: str) -> None:
+    _check(isinstance(text, str) and len(text) > 0, field_name, "must not be empty")
+    _check(len(text) <= MAX_CONSTRAINT_CHARS, field_name,
+           f"at most {MAX_CONSTRAINT_CHARS} characters, got {len(text)}")
 
 
 @dataclass
@@ -35,8 +111,11 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per generated token, [0, 20]
     prompt_logprobs: int | None = None  # [0, 20]
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding; a dict is accepted
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

@@ -28,6 +28,7 @@ from loraplex.gateway.responses import (
 )
 from loraplex.gateway.serving import handle
 from loraplex.gateway.state import GatewayState, Target
+from loraplex.gateway.structured import chat_constraint, constrain, declared_only
 from loraplex.gateway.tool_parser import ParsedToolCall
 from loraplex.gateway.translate import chat_requests
 
@@ -50,15 +51,16 @@ class ChatEndpoint(GenerationEndpoint):
 
     def __init__(self, req: ChatCompletionRequest, target: Target, state: GatewayState, request_id: str) -> None:
         super().__init__(req, target, state, request_id, num_choices=req.n, per_prompt=req.n)
+        self.constraint = chat_constraint(req)  # response_format, structured_outputs, forced tool calls
         self._choices = [_Choice(self._parser()) for _ in range(req.n)]
 
     def _parser(self) -> OutputParser:
         tools_active = bool(self.req.tools_for_template())
         return OutputParser(self.state.reasoning_parser(self.req.chat_template_kwargs),
-                            self.state.tool_parser(tools_active))
+                            declared_only(self.state.tool_parser(tools_active), self.req.tool_names()))
 
     def requests(self) -> list[pb.GenerateRequest]:
-        return chat_requests(self.req, adapter=self.adapter, request_id=self.request_id)
+        return constrain(chat_requests(self.req, adapter=self.adapter, request_id=self.request_id), self.constraint)
 
     # ---- streaming ----
 

@@ -22,6 +22,7 @@ from loraplex.gateway.responses import (
 )
 from loraplex.gateway.serving import handle
 from loraplex.gateway.state import GatewayState, Target
+from loraplex.gateway.structured import constrain, constraint_of
 from loraplex.gateway.translate import completion_requests
 
 
@@ -43,11 +44,13 @@ class CompletionEndpoint(GenerationEndpoint):
         _check_echo(req)
         prompts = req.prompts()
         super().__init__(req, target, state, request_id, num_choices=len(prompts) * req.n, per_prompt=req.n)
+        self.constraint = constraint_of(req)
         self._choices = [_Choice(echo=p if req.echo and isinstance(p, str) else "")
                          for p in prompts for _ in range(req.n)]
 
     def requests(self) -> list[pb.GenerateRequest]:
-        return completion_requests(self.req, adapter=self.adapter, request_id=self.request_id)
+        return constrain(completion_requests(self.req, adapter=self.adapter, request_id=self.request_id),
+                         self.constraint)
 
     def on_response(self, index: int, response: pb.GenerateResponse) -> list[str]:
         choice = self._choices[index]

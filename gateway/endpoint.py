@@ -17,6 +17,7 @@ from loraplex.gateway.errors import OpenAIError
 from loraplex.gateway.protocol import SamplingFields
 from loraplex.gateway.responses import Usage, new_id, now
 from loraplex.gateway.state import GatewayState, Target
+from loraplex.gateway.structured import Constraint
 from loraplex.gateway.tracing import PROVIDER_NAME, RequestSpan
 
 
@@ -75,6 +76,7 @@ class GenerationEndpoint:
         self.id = new_id(self.id_prefix)
         self.created = now()
         self.state = state
+        self.constraint: Constraint | None = None  # structured output the subclass asks for
         self.usages: list[pb.Usage | None] = [None] * num_choices
         self.reasons: list[str | None] = [None] * num_choices
         self._per_prompt = per_prompt

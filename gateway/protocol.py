@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loraplex.gateway.errors import OpenAIError, bad_request
+from loraplex.gateway.structured import StructuredFields
 from loraplex.gateway.unsupported import CHAT, COMPLETIONS, refuse_unsupported
 
 MAX_STOP_CHARS = 256  # a sanity bound; the counts the backend allows come from GetServerInfo.limits
@@ -30,8 +31,9 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
-    """The sampling and stopping fields both endpoints share (OpenAI names plus vLLM extras)."""
+class SamplingFields(_Request, StructuredFields):
+    """The sampling and stopping fields both endpoints share (OpenAI names plus vLLM extras);
+    the structured-output ones (``response_format``, ``structured_outputs``...) in gateway.structured."""
 
     model: str = Field(min_length=1)
     temperature: Float | None = Field(None, ge=0, le=2)
@@ -231,10 +233,6 @@ class NamedToolChoice(_Request):
     function: NamedFunction
 
 
-class ResponseFormat(_Request):
-    type: str
-
-
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
@@ -246,7 +244,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
@@ -260,9 +257,6 @@ class ChatCompletionRequest(SamplingFields):
     def _check_chat(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request(f"response_format of type '{self.response_format.type}' is not supported "
-                              "by this server.", "response_format.type", "unsupported_value")
         self._check_tool_choice()
         return self
 
@@ -273,9 +267,6 @@ class ChatCompletionRequest(SamplingFields):
         if not self.tools:
             raise bad_request("Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
                               "'tools' are specified.", "tool_choice")
-        if choice == "required":
-            raise bad_request("tool_choice 'required' is not supported by this server (no constrained "
-                              "decoding); use 'auto' or name a function.", "tool_choice", "unsupported_value")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in self.tool_names():
             raise bad_request(f"tool_choice names function '{choice.function.name}', which is not in "
                               "'tools'.", "tool_choice.function.name")

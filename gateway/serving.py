@@ -23,6 +23,7 @@ from loraplex.gateway.request_id import request_id_of
 from loraplex.gateway.routing import Backend
 from loraplex.gateway.security import read_json
 from loraplex.gateway.state import GatewayState, Target
+from loraplex.gateway.structured import relabel_errors
 from loraplex.gateway.tracing import RequestSpan
 
 M = TypeVar("M", bound=BaseModel)
@@ -46,7 +47,8 @@ async def handle(request: Request, request_type: type[R],
         check_limits(req, (await state.model_info()).limits, state.config.max_choices)
         endpoint = make(req, target, state, request_id_of(request))
         endpoint.start_span(span)
-        return await respond(request, state, endpoint, span)
+        with relabel_errors(endpoint.constraint):
+            return await respond(request, state, endpoint, span)
     except OpenAIError as err:
         span.end(err.status, err.message)
         raise

@@ -2,8 +2,9 @@
 
 Incremental, like the reasoning parser: text before a call streams as content;
 a call is held until ``</tool_call>`` (or the end of the output) and then comes out
-whole, with an id ``call_…`` and its arguments as a JSON string. A block whose JSON
-does not parse, or lacks a name, is handed back as plain content, unchanged.
+whole, with an id ``call_…`` and its arguments as a JSON string. A closed block whose JSON
+does not parse, or lacks a name, is handed back as plain content, unchanged; an unclosed
+one that does not parse (cut off by max_tokens) is dropped.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class HermesToolParser:
             return self._content(held), []
         self._in_call = False
         call = parse_call(held.strip())
-        if call is None:
-            return self._content(CALL_START + held), []
+        if call is None:  # a call cut off (max_tokens): dropped, never raw markup in the content
+            return "", []
         self.calls.append(call)
         return "", [call]
 

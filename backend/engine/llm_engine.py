@@ -22,6 +22,7 @@ from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
 from loraplex.backend.engine.setup import EngineParts, build_engine_parts
 from loraplex.backend.engine.stats import AdapterResidency, EngineStats
+from loraplex.backend.engine.structured import StructuredOutputs, after_token
 from loraplex.backend.outputs import RequestOutput
 from loraplex.config import EngineConfig
 from loraplex.errors import InvalidRequestError
@@ -59,6 +60,7 @@ class LLMEngine:
         self._adapter_counts_at = -ADAPTER_COUNTS_SECONDS
         self._residency_key: tuple[Any, ...] = ()
         self._update_stats()  # routers read slots and preloaded adapters before the first request
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_ids)
 
     @property
     def device(self) -> torch.device:
@@ -68,8 +70,9 @@ class LLMEngine:
     def make_sequence(self, proc: ProcessedRequest) -> Sequence:
         """A sequence for a processed request, its adapter version pinned (thread-safe; may read adapter
         files, so never call it on the step thread)."""
+        grammar = self.structured.request_grammar(proc.params)  # compiled (or cached) before any work is queued
         seq = Sequence(request_id=proc.request_id, prompt_token_ids=proc.prompt_token_ids, params=proc.params,
-                       max_tokens=proc.max_tokens, priority=proc.priority)
+                       max_tokens=proc.max_tokens, priority=proc.priority, structured=grammar)
         seq.timings.arrival = proc.arrival_time
         if proc.adapter:
             if self.adapters is None:
@@ -151,6 +154,7 @@ class LLMEngine:
                 continue
             token = result.sampled[seq.request_id]
             out = append_token(seq, token, result.logprobs.get(seq.request_id), self.eos_ids, self.max_model_len)
+            after_token(seq, out)  # advances its grammar matcher; a completed grammar ends the request
             name = seq.adapter_key[0] if seq.adapter_key else ""
             self.stats.tokens_by_adapter[name] = self.stats.tokens_by_adapter.get(name, 0) + 1
             self.stats.generation_tokens += 1

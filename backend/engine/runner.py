@@ -19,6 +19,7 @@ from loraplex.backend.engine.cuda_graphs import DecodeGraphs
 from loraplex.backend.engine.sampler import Sampler, SamplingBatch, make_generator, prompt_logprobs
 from loraplex.backend.engine.scheduler import SchedulerOutput
 from loraplex.backend.engine.step_inputs import RequestState, RequestTable, StepInputs
+from loraplex.backend.engine.structured import apply_grammar_bitmask
 from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forward_context
 from loraplex.backend.models.llama import DecoderLayer, DecoderModel
 from loraplex.backend.outputs import Logprob
@@ -186,7 +187,11 @@ class ModelRunner:
         handle.states = states
         params = [s.params for s in states]
         blocked = [s.blocked_tokens() for s in states]
-        if all(_plain_greedy(p) for p in params) and not any(blocked):
+        constrained = any(s.structured is not None for s in states)
+        if constrained:  # forbidden tokens -> -inf before sampling (the graph's argmax is then stale)
+            logits = logits.float()
+            apply_grammar_bitmask(logits, states)
+        if all(_plain_greedy(p) for p in params) and not any(blocked) and not constrained:
             ids = greedy if greedy is not None else logits.argmax(dim=-1)
         else:
             generators = [self._generator(s) for s in states]

@@ -37,6 +37,7 @@ class NewRequestData:
     output_token_ids: list[int]  # tokens generated before a preemption (recomputed, not resampled)
     params: SamplingParams
     early_stop_ids: list[int]  # never sampled before min_tokens: EOS (unless ignore_eos), stop token ids
+    structured: Any  # the grammar matcher of a structured-output request (the engine advances it), or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ class Scheduler:
             new = None
             if seq.num_blocks_sent == 0:
                 new = NewRequestData(list(seq.prompt_token_ids), list(seq.output_token_ids), seq.params,
-                                     seq.early_stop_ids)
+                                     seq.early_stop_ids, seq.structured)
             block_ids = seq.block_ids[seq.num_blocks_sent:]
             seq.num_blocks_sent = len(seq.block_ids)
             slot = slots[seq.adapter] if seq.adapter is not None else -1

@@ -45,6 +45,7 @@ class Sequence:
     num_preemptions: int = 0
     timings: RequestTimings = field(default_factory=RequestTimings)
     state: Any = None  # the engine's per-request output state (detokenizer, stop matcher, ...)
+    structured: Any = None  # structured.RequestGrammar: the grammar matcher of a constrained request
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -9,6 +9,7 @@ never by walking Python lists token by token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ class RequestState:
     params: SamplingParams
     row: int  # its row in the host block table
     early_stop_ids: list[int] = field(default_factory=list)  # masked until params.min_tokens outputs
+    structured: Any = None  # the request's grammar matcher (structured output), advanced by the engine
     num_blocks: int = 0
     generator: torch.Generator | None = None
 
@@ -108,7 +110,8 @@ class RequestTable:
                 self._grow_rows()
                 self.states[r.request_id] = RequestState(
                     r.new.prompt_token_ids + r.new.output_token_ids, len(r.new.prompt_token_ids), r.new.params,
-                    self.free_rows.pop(), r.new.early_stop_ids, generator=old.generator if old is not None else None)
+                    self.free_rows.pop(), r.new.early_stop_ids, r.new.structured,
+                    generator=old.generator if old is not None else None)
             state = self.states[r.request_id]
             if r.new_block_ids:
                 n = len(r.new_block_ids)

@@ -18,6 +18,7 @@ from loraplex.backend.outputs import Logprob, RequestOutput, RequestTimings, Usa
 from loraplex.backend.sampling_params import SamplingParams
 from loraplex.backend.server.json_depth import check_json_depth
 from loraplex.backend.server.messages import Msg
+from loraplex.backend.server.structured_pb import structured_from_pb
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.errors import InvalidRequestError
 from loraplex.lora.types import AdapterInfo, AdapterState
@@ -79,7 +80,7 @@ def params_from_pb(p: pb.SamplingParameters, default_max_tokens: int | None = 16
         frequency_penalty=p.frequency_penalty, seed=opt("seed", None), stop=list(p.stop),
         stop_token_ids=list(p.stop_token_ids), include_stop_str_in_output=p.include_stop_str_in_output,
         ignore_eos=p.ignore_eos, logprobs=opt("logprobs", None), prompt_logprobs=opt("prompt_logprobs", None),
-        skip_special_tokens=opt("skip_special_tokens", True))
+        skip_special_tokens=opt("skip_special_tokens", True), structured_outputs=structured_from_pb(p))
 
 
 def chat_from_pb(chat: pb.ChatInput) -> ChatInput:

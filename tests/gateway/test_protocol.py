@@ -36,6 +36,7 @@ OK_CHAT = [
     chat(tools=TOOLS, tool_choice="auto"), chat(tools=TOOLS, tool_choice="none"),
     chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}),
     chat(stream=True, stream_options={"include_usage": True}), chat(response_format={"type": "text"}),
+    chat(response_format={"type": "json_object"}), chat(tools=TOOLS, tool_choice="required"),
     chat(chat_template_kwargs={"enable_thinking": False}), chat(ignore_eos=True, min_tokens=3),
     chat(messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]),
@@ -60,11 +61,11 @@ BAD_CHAT = [
     (chat(messages=[{"role": "tool", "content": "x"}]), "messages.[0]"),
     (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), "messages.[0].content"),
     (chat(tool_choice="auto"), "tool_choice"), (chat(tools=TOOLS, tool_choice="sometimes"), "tool_choice"),
-    (chat(tools=TOOLS, tool_choice="required"), "tool_choice"),
     (chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice.function.name"),
     (chat(tools=[{"type": "function", "function": {"name": ""}}]), "tools.[0].function.name"),
     (chat(stream_options={"include_usage": True}), "stream_options"),
-    (chat(response_format={"type": "json_object"}), "response_format.type"),
+    (chat(response_format={"type": "xml"}), "response_format.type"),
+    (chat(response_format={"type": "json_schema"}), "response_format.json_schema"),
     (chat(logit_bias={"1": 5}), "logit_bias"), (chat(temperature="hot"), "temperature"),
 ]
 
