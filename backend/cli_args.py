@@ -63,6 +63,8 @@ def _kind(hint: Any, f: dataclasses.Field[Any]) -> dict[str, Any]:
     choices = f.metadata.get("choices")
     if choices:
         kind["choices"] = list(choices)
+        if all(isinstance(c, str) and c == c.lower() for c in choices):
+            kind["type"] = str.lower  # any casing on the command line
         kind.pop("metavar")
     return kind
 

@@ -100,6 +100,10 @@ def chat_constraint(req: Any) -> Constraint | None:
     """``constraint_of`` plus the forced tool calls of ``tool_choice`` "required" or named."""
     body = constraint_of(req)
     tools = _forced_tool_call(req)
+    if tools is None and getattr(req, "parallel_tool_calls", None) is False and getattr(req, "tools", None):
+        raise bad_request("'parallel_tool_calls' = False is honoured when a call is forced (tool_choice "
+                          "'required' or a named function); under 'auto' the model may call several tools.",
+                          "parallel_tool_calls")
     if tools is not None and body is not None:
         raise bad_request(f"tool_choice '{_choice_label(req.tool_choice)}' forces a tool call; it cannot be "
                           f"combined with '{body.param}'.", body.param)

@@ -26,7 +26,6 @@ def _empty(value: Any) -> bool:
 CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reasoning_effort": (_null, "reasoning is controlled with chat_template_kwargs (enable_thinking)"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "there is one service tier: 'auto' or 'default'"),
-    "parallel_tool_calls": (lambda v: v is None or v is True, "the model may always call several tools"),
     "store": (_not_true, "completions are not stored"),
     "metadata": (_empty, "completions are not stored, so they carry no metadata"),
     "modalities": (lambda v: v is None or v == ["text"], "only text output"),

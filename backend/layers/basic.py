@@ -51,9 +51,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
         self.head_dim = head_dim
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotates q: [T, H, D] and k: [T, Hkv, D] in place at ``positions`` [T] (math in float32)."""
-        fused.rotary_embedding(positions, q, k, self.cos, self.sin)
+        return fused.rotary_embedding(positions, q, k, self.cos, self.sin)
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:

@@ -111,11 +111,12 @@ def test_embeddings_through_the_sdk_is_a_typed_error(gw: GatewayHarness) -> None
         client(gw).embeddings.create(model=BASE, input="x")
 
 
-REFUSED = [("reasoning_effort", "low"), ("service_tier", "flex"), ("parallel_tool_calls", False), ("store", True),
+REFUSED = [("reasoning_effort", "low"), ("service_tier", "flex"), ("store", True),
            ("metadata", {"k": "v"}), ("modalities", ["text", "audio"]), ("audio", {"voice": "x"}),
            ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}),
            ("verbosity", "low"), ("functions", [{"name": "f"}]), ("function_call", "auto")]
-HONOURED = [("service_tier", "auto"), ("parallel_tool_calls", True), ("store", False), ("modalities", ["text"]),
+HONOURED = [("service_tier", "auto"), ("parallel_tool_calls", True), ("parallel_tool_calls", False),
+            ("store", False), ("modalities", ["text"]),
             ("reasoning_effort", None), ("metadata", None)]
 
 
@@ -130,6 +131,13 @@ def test_unsupported_parameters_are_refused_naming_them(gw: GatewayHarness, name
 def test_values_the_server_honours_are_accepted(gw: GatewayHarness, name: str, value: Any) -> None:
     r = httpx.post(gw.url + "/v1/chat/completions", json={"model": BASE, "messages": USER, name: value}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_single_tool_call_is_refused_when_no_call_is_forced(gw: GatewayHarness) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = {"model": BASE, "messages": USER, "tools": [tool], "parallel_tool_calls": False}
+    r = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls", r.text
 
 
 def test_completions_refuse_an_unsupported_service_tier(gw: GatewayHarness) -> None:

@@ -99,7 +99,7 @@ def test_rope_torch_twin_matches_layer():
     rope = rope_layer(64)
     q, k = rand(3, 4, 64, dtype=torch.bfloat16), rand(3, 2, 64, dtype=torch.bfloat16, seed=1)
     positions = torch.tensor([0, 7, 4095], device=DEVICE)
-    want = rope(positions, q, k)
+    want = rope(positions, q.clone(), k.clone())
     got = rotary_embedding(positions, q.clone(), k.clone(), rope.cos, rope.sin, backend="torch")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 

@@ -84,7 +84,7 @@ def test_demo_model_outputs_satisfy_their_constraints() -> None:
 def test_random_model_outputs_satisfy_their_constraints(tmp_path) -> None:
     base = write_tiny_model(tmp_path / "base", "qwen3")
     adapter = make_peft_adapter(base, tmp_path / "lora", r=4, alpha=8, targets=["q_proj", "v_proj"], seed=3)
-    llm = LLM(str(base), dtype="float32", max_lora_rank=8, **SQUEEZED)
+    llm = LLM(str(base), dtype="float32", max_lora_rank=8, adapter_roots=[str(tmp_path)], **SQUEEZED)
     llm.load_adapter("rnd", str(adapter))
     examples: list[int] = []
 
