@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(ALL_CASES))
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--profile", action="store_true", help="torch.profiler + host timers on the b32 case")
+    ap.add_argument("--out", default="engine_throughput.json", help="result file name (bench/results/, $OUT)")
     args = ap.parse_args()
     cases = args.cases.split(",")
     if args.tiny:
@@ -169,12 +170,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         qwen, adapters = write_model(Path(tmp) / "qwen", QWEN3_06B, "cuda", args.adapters if "lora" in cases else 0)
         run_qwen_cases(res, qwen, adapters, cases, (bw, flops), args)
+        save(res, args.out)
         if "llama8b" in cases:
             llama, _ = write_model(Path(tmp) / "llama", LLAMA3_8B, "cuda", 0, arch="llama")
             run = Run(llama, LLAMA3_8B, (bw, flops), max_num_seqs=1, enable_lora=False, max_model_len=2048)
             res["llama8b_decode1"] = run.measure(1, 16, 256)
             run.close()
-    report(res)
+    report(res, args.out)
 
 
 def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str], ceilings, args) -> None:
@@ -184,10 +186,12 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
             run = Run(model, s, ceilings, max_num_seqs=1, enable_lora=False, enforce_eager=eager, max_model_len=2048)
             res["decode1" + ("_eager" if eager else "")] = {**run.measure(1, 16, 512), **run.graph_info()}
             run.close()
+        save(res, args.out)
     if "b32" in cases:
         run = Run(model, s, ceilings, max_num_seqs=32, enable_lora=False, max_model_len=2048)
         res["b32"] = {**run.measure(32, 128, 128, profile=args.profile), **run.graph_info()}
         run.close()
+        save(res, args.out)
     if "graphs_vs_eager" in cases:
         for batch in (1, 8, 32, 128, 256):
             for eager in (False, True):
@@ -199,23 +203,28 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
         n = len(adapters)
         for key, names, loaded, max_loras in (("lora_idle", [None] * 32, 1, 1), ("lora_1", ["a0"] * 32, 1, 1),
                                               (f"lora_{n}", [f"a{i % n}" for i in range(32)], n, n)):
-            run = Run(model, s, ceilings, max_num_seqs=32, max_loras=max_loras, max_model_len=2048)
+            run = Run(model, s, ceilings, max_num_seqs=32, max_loras=max_loras, max_model_len=2048,
+                      adapter_roots=[str(model.parent)])
             for i, path in enumerate(adapters[:loaded]):
                 run.llm.load_adapter(f"a{i}", str(path))
             res[key] = run.measure(32, 128, 128, names=names)
             run.close()
 
 
-def report(res: dict) -> None:
+def save(res: dict, name: str) -> None:
+    """Writes what is measured so far (a later case that fails loses nothing)."""
+    for folder in filter(None, (os.environ.get("OUT"), str(Path(__file__).parent / "results"))):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, name).write_text(json.dumps(res, indent=1))
+
+
+def report(res: dict, name: str) -> None:
     print(f"{'case':<22} {'tok/s':>10} {'ms/step':>9} {'floor ms':>9} {'% floor':>8}")
     for key, v in res.items():
         if isinstance(v, dict) and "tok_s" in v:
             print(f"{key:<22} {v['tok_s']:>10} {v['ms_per_step']:>9} {v['floor_ms_per_step']:>9} {v['pct_of_floor']:>8}")
-    line = json.dumps(res)
-    print(line)
-    for folder in filter(None, (os.environ.get("OUT"), str(Path(__file__).parent / "results"))):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        Path(folder, "engine_throughput.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    save(res, name)
 
 
 def smoke() -> None:

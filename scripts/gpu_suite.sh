@@ -27,7 +27,8 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
   [[ -n ${KERNEL_BENCH:-} ]] && step attention_kernels 200 python3 bench/attention_kernels.py
-  TAIL=20 step engine 420 python3 bench/engine_throughput.py ${CASES:+--cases $CASES} ${PROFILE:+--profile}
+  TAIL=20 step engine 420 python3 bench/engine_throughput.py ${CASES:+--cases $CASES} ${PROFILE:+--profile} \
+    ${ENGINE_OUT:+--out $ENGINE_OUT}
   if [[ -f .gpu_carry/nano_vllm_workload.py ]]; then  # ../shared/bench, carried
     step nano_vllm 300 python3 .gpu_carry/nano_vllm_workload.py
     cp "$OUT/nano_vllm.log" bench/results/nano_vllm_workload.log 2>/dev/null
@@ -36,7 +37,7 @@ if [[ $what == bench || $what == all ]]; then
 fi
 if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
-  [[ -f bench/serve_suite.py ]] && step serve_suite 500 python3 bench/serve_suite.py
+  [[ -n ${SERVE_SUITE:-} ]] && step serve_suite 500 bash bench/serve_suite.sh --suite "$SERVE_SUITE"
 fi
 cp bench/results/*.json "$OUT/" 2>/dev/null
 true
