@@ -122,9 +122,9 @@ def profile_steps(llm, prompts, params, names) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     engine = llm.engine
-    timers = {"schedule": 0.0, "execute": 0.0, "process": 0.0}
+    timers = {"schedule": 0.0, "launch": 0.0, "process": 0.0}
     originals = {}
-    for name, obj, attr in (("schedule", engine.scheduler, "schedule"), ("execute", engine.runner, "execute"),
+    for name, obj, attr in (("schedule", engine.scheduler, "schedule"), ("launch", engine.runner, "launch"),
                             ("process", engine, "_process")):
         fn = getattr(obj, attr)
         originals[(obj, attr)] = fn
