@@ -66,7 +66,8 @@ class Suite:
         return root / "model", [root / f"a{i}" for i in range(n_adapters)]
 
     def serve_flags(self, model: Path, max_loras: int) -> list[str]:
-        flags = ["--model", str(model), "--max-loras", str(max_loras), "--max-lora-rank", "16",
+        flags = ["--model", str(model), "--adapter-roots", str(model.parent),  # the written adapters beside it
+                 "--max-loras", str(max_loras), "--max-lora-rank", "16",
                  "--max-cpu-loras", str(max(64, max_loras)), "--grace-period", "5"]
         if self.device == "cpu":
             return [*flags, "--device", "cpu", "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 * 2**20)]
