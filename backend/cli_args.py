@@ -13,12 +13,12 @@ import argparse
 import dataclasses
 import os
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from loraplex.backend.server.config import ServerConfig
+from loraplex.cli_flags import add_fields, given_fields
 from loraplex.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from loraplex.errors import ConfigError
 
@@ -42,55 +42,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_fields(group: Any, cls: type, fields: list[dataclasses.Field[Any]] | None = None) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in fields if fields is not None else dataclasses.fields(cls):
-        names = (f"--{f.name.replace('_', '-')}", *ALIASES.get(f.name, ()))
-        group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=_help(f),
-                           **_kind(hints[f.name], f))
-
-
-def _kind(hint: Any, f: dataclasses.Field[Any]) -> dict[str, Any]:
-    """argparse keywords for a field of type ``hint``."""
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
-    if base is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(base) is list:
-        return {"action": "append", "metavar": METAVARS.get(f.name, "VALUE"),
-                "type": _name_equals_source if f.name == "preload" else str}
-    kind: dict[str, Any] = {"type": _maybe_none(base) if optional else base,
-                            "metavar": base.__name__.upper()}
-    choices = f.metadata.get("choices")
-    if choices:
-        kind["choices"] = list(choices)
-        if all(isinstance(c, str) and c == c.lower() for c in choices):
-            kind["type"] = str.lower  # any casing on the command line
-        kind.pop("metavar")
-    return kind
-
-
-def _help(f: dataclasses.Field[Any]) -> str:
-    meta = f.metadata
-    parts = [meta.get("help", "")]
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None or hi is not None:
-        parts.append(f"range [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if default not in (None, [], dataclasses.MISSING):
-        parts.append(f"default: {default}")
-    elif default is None:
-        parts.append("default: none")
-    if f.name in METAVARS:
-        parts.append("repeat the flag for several")
-    return "; ".join(p for p in parts if p).replace("%", "%%")
-
-
-def _maybe_none(base: type) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.strip().lower() in ("none", "") else base(text)
-
-    parse.__name__ = base.__name__
-    return parse
+    add_fields(group, cls, fields, aliases=ALIASES, metavars=METAVARS, item_types={"preload": _name_equals_source})
 
 
 def _name_equals_source(text: str) -> str:
@@ -111,7 +63,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def server_config_from_args(args: argparse.Namespace, environ: typing.Mapping[str, str] | None = None) -> ServerConfig:
     """The server config of the flags given; the token comes from --api-key, --api-key-file or the env."""
     given = vars(args)
-    kwargs = {f.name: given[f.name] for f in dataclasses.fields(ServerConfig) if f.name in given}
+    kwargs = given_fields(args, ServerConfig)
     kwargs["api_key"] = resolve_api_key(given.get("api_key"), given.get("api_key_file"), environ)
     return ServerConfig(**kwargs)
 

@@ -48,9 +48,9 @@ _COUNTERS = (
     ("num_preemptions", "Requests preempted for lack of KV blocks", "preemptions"),
     ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "prefix_cache_queries"),
     ("prefix_cache_hits", "Prompt tokens found in the prefix cache", "prefix_cache_hits"),
-    ("lora_loads", "Adapter weight loads", "adapter_loads"),
-    ("lora_load_seconds", "Seconds spent loading adapter weights", "adapter_load_seconds"),
-    ("lora_evictions", "Adapters evicted from GPU slots or the CPU cache", "adapter_evictions"),
+    ("lora_loads", "Adapter weight loads from their source", "adapter_source_loads"),
+    ("lora_load_seconds", "Seconds spent loading adapter weights from their source", "adapter_source_load_seconds"),
+    ("lora_evictions", "Adapters evicted from GPU slots", "adapter_slot_evictions"),
 )
 
 

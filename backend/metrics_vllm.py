@@ -124,7 +124,7 @@ def _one(family: Any, model: str, value: float) -> Metric:
 
 
 class _LoadHistogram:
-    """``vllm:lora_adapter_load_seconds`` from the engine's load counters.
+    """``vllm:lora_adapter_load_seconds`` from the engine's source-load counters.
 
     The engine counts loads and their total seconds; each scrape puts the new loads into the
     buckets at their mean duration (exact when at most one load happened since the last scrape).
@@ -137,10 +137,10 @@ class _LoadHistogram:
 
     def family(self, s: EngineStats, model: str) -> Metric:
         with self._lock:
-            loads, seconds = s.adapter_loads - self._seen[0], s.adapter_load_seconds - self._seen[1]
+            loads, seconds = s.adapter_source_loads - self._seen[0], s.adapter_source_load_seconds - self._seen[1]
             if loads > 0:
                 self._buckets[bisect.bisect_left(LOAD_BUCKETS, seconds / loads)] += loads
-                self._seen = (s.adapter_loads, s.adapter_load_seconds)
+                self._seen = (s.adapter_source_loads, s.adapter_source_load_seconds)
             cumulative, total = [], 0
             for bound, count in zip([*LOAD_BUCKETS, float("inf")], self._buckets, strict=True):
                 total += count

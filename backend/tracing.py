@@ -37,6 +37,7 @@ from loraplex.backend.outputs import RequestOutput
 
 log = logging.getLogger("loraplex.tracing")
 TRACER_NAME = "loraplex"
+PROVIDER_NAME = "loraplex"  # gen_ai.provider.name, as on the gateway's spans (a test keeps them equal)
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -108,6 +109,7 @@ def request_attributes(req: EngineRequest, operation: str, model: str) -> dict[s
     p = req.params
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": PROVIDER_NAME,
         "gen_ai.request.model": req.adapter or model,
         "gen_ai.request.temperature": p.temperature,
         "gen_ai.request.top_p": p.top_p,
@@ -127,8 +129,9 @@ def request_attributes(req: EngineRequest, operation: str, model: str) -> dict[s
 class GenerateSpanRecorder:
     """Adds a Generate span's milestone events and final attributes from the engine's deltas."""
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: trace.Span, model: str) -> None:
         self.span = span
+        self.model = model  # the model asked for: the adapter's name, or the base model's
         self._first_output = True
         self._first_token = True
 
@@ -155,6 +158,7 @@ class GenerateSpanRecorder:
         self.span.add_event("finish", {"gen_ai.response.finish_reasons": [reason]})
         self.span.set_attributes({
             "gen_ai.response.finish_reasons": [reason],
+            "gen_ai.response.model": out.adapter or self.model,
             "gen_ai.usage.input_tokens": out.usage.prompt_tokens,
             "gen_ai.usage.output_tokens": out.usage.completion_tokens,
             "loraplex.usage.cached_tokens": out.usage.cached_tokens,

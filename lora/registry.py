@@ -82,7 +82,8 @@ class AdapterVersion:
 
 @dataclass
 class RegistryCounts:
-    """Gauges and counters for metrics (names as in ``EngineStats`` where they exist)."""
+    """Gauges and counters for metrics; ``slot_*`` count the GPU-slot tier, ``source_*`` file reads,
+    ``cpu_*`` the host cache."""
 
     lora_slots_total: int = 0
     lora_slots_used: int = 0
@@ -90,12 +91,12 @@ class RegistryCounts:
     adapters_cached: int = 0  # current versions in host memory but not in a slot
     adapters_registered: int = 0  # current versions (every name)
     retired_versions: int = 0  # replaced/unregistered versions still held by requests
-    adapter_loads: int = 0  # slot loads (host -> device)
-    adapter_load_seconds: float = 0.0
-    adapter_evictions: int = 0  # slot evictions
+    slot_loads: int = 0  # host -> device
+    slot_load_seconds: float = 0.0
+    slot_evictions: int = 0
     source_loads: int = 0  # file reads (register, first use, reload after host eviction)
     source_load_seconds: float = 0.0
-    cpu_evictions: int = 0
+    cpu_evictions: int = 0  # host-cache evictions (weights dropped)
     running_by_adapter: dict[str, int] = field(default_factory=dict)
 
 
@@ -414,11 +415,11 @@ class AdapterRegistry:
             assert evicted is not None
             del self._slot_of[evicted]
             self._free_slot(slot)
-            self._stats.adapter_evictions += 1
+            self._stats.slot_evictions += 1
         start = time.perf_counter()
         self.slots.load(slot, version.weights)
-        self._stats.adapter_loads += 1
-        self._stats.adapter_load_seconds += time.perf_counter() - start
+        self._stats.slot_loads += 1
+        self._stats.slot_load_seconds += time.perf_counter() - start
         self._slot_versions[slot] = version
         self._slot_of[version] = slot
         self._slot_lru[slot] = None

@@ -74,10 +74,6 @@ class AdapterSourceForbiddenError(AdapterLoadError):
     status = "PERMISSION_DENIED"
 
 
-class AdapterBusyError(LoraplexError):
-    status = "FAILED_PRECONDITION"
-
-
 class QueueFullError(LoraplexError):
     status = "RESOURCE_EXHAUSTED"
 
@@ -98,7 +94,3 @@ class EngineDeadError(LoraplexError):
 
     def __init__(self, message: str = "engine loop is not running"):
         super().__init__(message)
-
-
-class RequestAbortedError(LoraplexError):
-    status = "CANCELLED"

@@ -52,9 +52,6 @@ class KVCacheManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free)
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_ids))
-
     # ---- prefix cache
     def update_hashes(self, seq: Sequence) -> None:
         """Extends the sequence's hash chain over every full block of its tokens."""

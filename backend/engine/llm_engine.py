@@ -207,14 +207,14 @@ class LLMEngine:
         c = self.adapters.counts()
         s.lora_slots_total, s.lora_slots_used = c.lora_slots_total, c.lora_slots_used
         s.adapters_resident, s.adapters_cached = c.adapters_resident, c.adapters_cached
-        s.adapters_registered, s.adapter_evictions = c.adapters_registered, c.adapter_evictions
-        s.adapter_loads, s.adapter_load_seconds = c.source_loads, c.source_load_seconds
+        s.adapters_registered, s.adapter_slot_evictions = c.adapters_registered, c.slot_evictions
+        s.adapter_source_loads, s.adapter_source_load_seconds = c.source_loads, c.source_load_seconds
         s.resident_adapters = tuple(a.name for a in self.adapters.list() if a.state is AdapterState.RESIDENT)
         self._update_residency(c)
 
     def _update_residency(self, c: Any) -> None:
         """Re-lists the adapters only when the registry's counts moved (listing thousands each step costs)."""
-        key = (c.adapter_loads, c.adapter_evictions, c.source_loads, c.cpu_evictions, c.adapters_registered,
+        key = (c.slot_loads, c.slot_evictions, c.source_loads, c.cpu_evictions, c.adapters_registered,
                c.lora_slots_used, c.adapters_resident, c.adapters_cached)
         if key != self._residency_key and self.adapters is not None:
             self._residency_key = key

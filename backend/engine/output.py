@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from loraplex.backend.engine.detokenizer import IncrementalDetokenizer
@@ -19,7 +19,6 @@ class OutputState:
     matcher: StopStringMatcher | None
     prompt_logprobs: list[Logprob | None] | None = None
     prompt_logprobs_sent: bool = False
-    pending_logprobs: list[Logprob] = field(default_factory=list)
 
     @classmethod
     def create(cls, seq: Sequence, tokenizer: Any, eos_ids: set[int] | None = None) -> OutputState:

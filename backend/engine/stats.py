@@ -41,9 +41,9 @@ class EngineStats:
     preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up
     prefix_cache_hits: int = 0  # prompt tokens found
-    adapter_loads: int = 0
-    adapter_load_seconds: float = 0.0
-    adapter_evictions: int = 0
+    adapter_source_loads: int = 0  # adapter weights read from their source (disk, hub)
+    adapter_source_load_seconds: float = 0.0
+    adapter_slot_evictions: int = 0  # adapters evicted from GPU slots (not from the CPU cache)
     requests_by_adapter: dict[str, int] = field(default_factory=dict)
     tokens_by_adapter: dict[str, int] = field(default_factory=dict)
     last_step_started: float = 0.0  # monotonic; 0 = idle

@@ -22,7 +22,6 @@ class Msg(StrEnum):
     TEMPLATE_FAILED = "the chat template could not render these messages: {error}"
     REQUEST_ID_TOO_LONG = "at most {limit} characters, got {length}"
     REQUEST_ID_BAD_CHARS = "must be printable ASCII without spaces"
-    REQUEST_ID_RUNNING = "a request with id {request_id!r} is already running"
     ADAPTER_NAME_EMPTY = "must not be empty"
     ADAPTER_SOURCE_EMPTY = "must not be empty"
     DRAINING = "server is shutting down; not accepting new requests"

@@ -68,7 +68,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def _stream(self, req: EngineRequest, span: trace.Span,
                       tracker: RequestTracker) -> AsyncIterator[pb.GenerateResponse]:
-        recorder = GenerateSpanRecorder(span)
+        recorder = GenerateSpanRecorder(span, req.adapter or self.engine.model_name)
         async with contextlib.aclosing(self.engine.generate(req)) as outputs:
             async for out in outputs:
                 tracker.on_output(out)

@@ -107,8 +107,8 @@ def test_slot_lru_never_evicts_in_use(make_registry: Factory, adapter_store: dic
     with pytest.raises(NoAdapterSlotError, match="max_loras=2"):
         reg.ensure_resident([a, b, c])
     counts = reg.counts()
-    assert (counts.adapter_loads, counts.adapter_evictions, counts.lora_slots_used) == (4, 2, 2)
-    assert counts.adapter_load_seconds > 0 and counts.running_by_adapter == {"qkv_r4": 1, "mlp_r2": 1, "o_r3": 1}
+    assert (counts.slot_loads, counts.slot_evictions, counts.lora_slots_used) == (4, 2, 2)
+    assert counts.slot_load_seconds > 0 and counts.running_by_adapter == {"qkv_r4": 1, "mlp_r2": 1, "o_r3": 1}
     assert {i.name: i.state for i in reg.list()} == {"qkv_r4": AdapterState.RESIDENT, "mlp_r2": AdapterState.CACHED,
                                                     "o_r3": AdapterState.RESIDENT}
 

@@ -17,8 +17,8 @@ from tests.helpers import metric_value
 
 MODEL = "demo-model"
 STATS = EngineStats(num_waiting=2, num_running=3, kv_blocks_total=10, kv_blocks_used=4, lora_slots_total=2,
-                    lora_slots_used=1, prompt_tokens=7, generation_tokens=9, preemptions=1, adapter_loads=1,
-                    adapter_load_seconds=0.3, running_adapter_names=("upper",), waiting_adapter_names=("reverse",),
+                    lora_slots_used=1, prompt_tokens=7, generation_tokens=9, preemptions=1, adapter_source_loads=1,
+                    adapter_source_load_seconds=0.3, running_adapter_names=("upper",), waiting_adapter_names=("reverse",),
                     adapter_residency=(AdapterResidency("upper", "gpu", True, 8),
                                        AdapterResidency("reverse", "cpu", False, 4),
                                        AdapterResidency("think", "disk", False, 16)),
@@ -83,12 +83,12 @@ def test_unloaded_adapters_lose_their_series() -> None:
 
 
 def test_load_histogram_counts_each_load_once_across_scrapes() -> None:
-    stats = EngineStats(adapter_loads=1, adapter_load_seconds=0.3)
+    stats = EngineStats(adapter_source_loads=1, adapter_source_load_seconds=0.3)
     m = Metrics(lambda: stats)
     first = scrape(m)
     assert metric_value(first, "vllm:lora_adapter_load_seconds_bucket", 'le="0.25"') == 0
     assert metric_value(first, "vllm:lora_adapter_load_seconds_bucket", 'le="0.5"') == 1
-    stats.adapter_loads, stats.adapter_load_seconds = 3, 4.3  # two more loads of 2 s each
+    stats.adapter_source_loads, stats.adapter_source_load_seconds = 3, 4.3  # two more loads of 2 s each
     assert metric_value(scrape(m), "vllm:lora_adapter_load_seconds_count") == 3
     third = scrape(m)  # no new loads: nothing added again
     assert metric_value(third, "vllm:lora_adapter_load_seconds_count") == 3

@@ -17,6 +17,7 @@ from loraplex.backend.tracing import (
     get_tracer,
     request_attributes,
 )
+from loraplex.gateway.tracing import PROVIDER_NAME as GATEWAY_PROVIDER_NAME
 from tests.helpers import metric_value
 
 
@@ -32,7 +33,7 @@ def sample(text: str, name: str, labels: str = "") -> float:
 def test_engine_stats_become_loraplex_metrics() -> None:
     stats = EngineStats(num_waiting=2, num_running=3, kv_blocks_total=10, kv_blocks_used=4, prompt_tokens=7,
                         generation_tokens=9, preemptions=1, prefix_cache_queries=20, prefix_cache_hits=5,
-                        adapter_loads=2, adapter_evictions=1, adapters_resident=1, adapters_registered=4,
+                        adapter_source_loads=2, adapter_slot_evictions=1, adapters_resident=1, adapters_registered=4,
                         requests_by_adapter={"": 3, "upper": 2}, tokens_by_adapter={"upper": 11})
     text = scrape(Metrics(lambda: stats))
     assert sample(text, "loraplex_num_requests_waiting") == 2
@@ -98,7 +99,7 @@ def test_span_continues_traceparent_and_has_genai_attributes() -> None:
     req = EngineRequest("r1", prompt="x", params=SamplingParams(max_tokens=4, temperature=0.5), adapter="upper")
     span = tracer.start_span("chat upper", context=parent)
     span.set_attributes(request_attributes(req, "chat", "demo"))
-    recorder = GenerateSpanRecorder(span)
+    recorder = GenerateSpanRecorder(span, "upper")
     timings = RequestTimings(arrival=1.0, first_scheduled=1.1, first_token=1.2, finished=1.3)
     recorder.on_output(RequestOutput("r1", [1], "A", timings=timings, adapter="upper", adapter_version=1))
     recorder.on_output(RequestOutput("r1", [], "", finished=True, finish_reason="stop", usage=Usage(5, 1),
@@ -107,7 +108,8 @@ def test_span_continues_traceparent_and_has_genai_attributes() -> None:
     (done,) = exporter.get_finished_spans()
     assert format(done.context.trace_id, "032x") == trace_id
     a = done.attributes
-    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "upper"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == GATEWAY_PROVIDER_NAME
+    assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == "upper" and a["gen_ai.response.id"] == "r1"
     assert a["gen_ai.request.max_tokens"] == 4 and a["gen_ai.request.temperature"] == 0.5
     assert a["gen_ai.request.top_p"] == 1.0 and tuple(a["gen_ai.response.finish_reasons"]) == ("stop",)
     assert (a["gen_ai.usage.input_tokens"], a["gen_ai.usage.output_tokens"]) == (5, 1)

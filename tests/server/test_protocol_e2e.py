@@ -109,7 +109,9 @@ def test_trace_continues_callers_traceparent_with_genai_attributes(demo: Running
     (span,) = _spans_of(span_exporter, trace_id)
     assert format(span.parent.span_id, "016x") == parent_id and span.name == "chat upper"
     a = span.attributes
-    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.request.model"] == "upper"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "loraplex"
+    assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == "upper"
+    assert a["gen_ai.response.id"] == a["loraplex.request.id"] != ""
     assert a["gen_ai.request.max_tokens"] == 32 and a["gen_ai.request.temperature"] == 0.0
     assert a["gen_ai.request.top_p"] == 1.0
     assert tuple(a["gen_ai.response.finish_reasons"]) == ("stop",)
