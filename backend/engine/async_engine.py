@@ -80,8 +80,8 @@ class AsyncEngine(FrontEnd):
         if op == "list":
             return registry.list()
         result = await asyncio.to_thread(getattr(registry, op), *args, **kwargs)
-        if self.core.is_alive():  # gauges follow the operation, not the next step
-            self.core.call(LLMEngine.publish_stats)
+        if self.core.is_alive():  # gauges follow the operation before it returns, not at the next step
+            await asyncio.wait_for(asyncio.wrap_future(self.core.call(LLMEngine.publish_stats)), OP_TIMEOUT)
         return result
 
     def _inject_step_fault(self, exc: BaseException, fatal: bool = True) -> None:

@@ -138,6 +138,7 @@ def _run_op(core: EngineCore, sender: _Sender, op_id: int, name: str, args: tupl
     except BaseException as exc:
         sender.send(("reply", op_id, False, portable(exc)))
         return
+    sender.send(("out", [], core.engine.snapshot))  # the front end's gauges are fresh before the reply
     sender.send(("reply", op_id, True, value))
 
 
@@ -152,7 +153,7 @@ def _op(core: EngineCore, name: str, args: tuple[Any, ...], kwargs: dict[str, An
         raise ConfigError("LoRA is disabled on this server (enable_lora=False)")
     value = getattr(engine.adapters, name)(*args, **kwargs)
     if name != "list" and core.is_alive():
-        core.call(type(engine).publish_stats)  # gauges follow the operation, not the next step
+        core.call(type(engine).publish_stats).result(STOP_TIMEOUT)  # gauges follow the operation
     return value
 
 

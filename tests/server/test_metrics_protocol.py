@@ -136,3 +136,28 @@ def test_no_vllm_metrics_flag_turns_the_vllm_families_off() -> None:
         stop_server(rs)
     assert "vllm:" not in text
     assert metric_value(text, "loraplex_engine_loop_alive", f'model_name="{rs.engine.model_name}"') == 1
+
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "core-process"])
+def either(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    rs = start_server({"max_loras": 1}, engine_process=request.param)
+    yield rs
+    stop_server(rs)
+
+
+def test_unload_updates_slot_and_adapter_gauges_without_a_new_request(either: RunningServer) -> None:
+    """Issue 11: the gauges follow an unload on an idle server before it returns, not at the next step."""
+    with Client(either.target) as client:
+        client.load_adapter("upper-idle", str(DEMO_ADAPTERS["upper"]), timeout=30)
+        client.generate(chat_request("hello", "upper-idle"), timeout=30)  # now in the one GPU slot
+        before = either.scrape()
+        assert metric_value(before, "loraplex_lora_slots_used") == 1
+        assert metric_value(before, "vllm:lora_adapter_loaded", 'adapter_name="upper-idle",level="gpu"') == 1
+        registered = metric_value(before, "loraplex_lora_adapters", 'state="registered"')
+        client.unload_adapter("upper-idle", timeout=30)
+        after = either.scrape()  # no request in between: nothing steps the engine
+    assert metric_value(after, "loraplex_lora_slots_used") == 0
+    assert metric_value(after, "vllm:num_gpu_loaded_lora_adapters") == 0
+    assert metric_value(after, "loraplex_lora_adapters", 'state="registered"') == registered - 1
+    assert 'adapter_name="upper-idle"' not in after
