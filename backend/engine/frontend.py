@@ -8,6 +8,7 @@ reach the core: ``AsyncEngine`` (a thread here) or ``CoreProcessClient``.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import itertools
@@ -25,7 +26,7 @@ from loraplex.errors import EngineDeadError, EngineDrainingError, InvalidRequest
 from loraplex.lora.types import AdapterInfo
 
 
-class FrontEnd:
+class FrontEnd(abc.ABC):
     def __init__(self, config: EngineConfig):
         self.config = config
         self._queues: dict[str, asyncio.Queue[Emitted]] = {}
@@ -39,20 +40,25 @@ class FrontEnd:
         self._inputs: InputProcessor | None = None
 
     # ---- what the core side provides
+    @abc.abstractmethod
     def _send_add(self, proc: ProcessedRequest, serial: int) -> None:
-        raise NotImplementedError
+        """Provided by the core side (in-process thread or core process)."""
 
+    @abc.abstractmethod
     def _send_abort(self, request_id: str, serial: int, error: str | None) -> None:
-        raise NotImplementedError
+        """Provided by the core side (in-process thread or core process)."""
 
+    @abc.abstractmethod
     def _snapshot(self) -> EngineStats:
-        raise NotImplementedError
+        """Provided by the core side (in-process thread or core process)."""
 
+    @abc.abstractmethod
     def _core_alive(self) -> bool:
-        raise NotImplementedError
+        """Provided by the core side (in-process thread or core process)."""
 
+    @abc.abstractmethod
     def dead_reason(self) -> str:
-        raise NotImplementedError
+        """Provided by the core side (in-process thread or core process)."""
 
     # ---- properties
     @property
@@ -194,8 +200,9 @@ class FrontEnd:
         adapters: list[AdapterInfo] = await self._adapter_op("list")
         return adapters
 
+    @abc.abstractmethod
     async def _adapter_op(self, op: str, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
+        """Provided by the core side (in-process thread or core process)."""
 
 
 def aborted_output(request_id: str) -> RequestOutput:
