@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import floors  # noqa: E402
@@ -40,29 +46,35 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "llama8b")
 
 
-def write_model(root: Path, shape: dict, device: str, n_adapters: int, arch: str = "qwen3"
+def model_config(arch: str, shape: dict) -> PretrainedConfig:
+    """A Llama or Qwen3 HF config of ``shape`` (eos = the tokenizer's ``<eos id>`` token)."""
+    if arch == "llama":
+        return LlamaConfig(**shape, max_position_embeddings=8192, architectures=["LlamaForCausalLM"],
+                           bos_token_id=1, eos_token_id=2)
+    return Qwen3Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True,
+                       architectures=["Qwen3ForCausalLM"], eos_token_id=0)
+
+
+def write_model(root: Path, shape: dict, device: str, n_adapters: int, arch: str = "qwen3", rank: int = 16
                 ) -> tuple[Path, list[Path]]:
-    """A random-weight model (and ``n_adapters`` random rank-16 PEFT adapters) saved under ``root``."""
+    """``root/model`` (bf16 random weights + a word-level tokenizer of ``<i>`` tokens) and ``root/a0..``
+    (random rank-``rank`` PEFT adapters on all 7 projections)."""
     from peft import LoraConfig, get_peft_model
 
-    if arch == "llama":
-        cfg = LlamaConfig(**shape, max_position_embeddings=8192, architectures=["LlamaForCausalLM"], eos_token_id=0)
-    else:
-        cfg = Qwen3Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True,
-                          architectures=["Qwen3ForCausalLM"], eos_token_id=0)
+    cfg = model_config(arch, shape)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(root / "model")
+    eos = f"<{cfg.eos_token_id}>"
     vocab = {f"<{i}>": i for i in range(shape["vocab_size"])}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<0>")),
-                                  eos_token="<0>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=eos)), eos_token=eos)
     tok.save_pretrained(root / "model")
     adapters = []
     for i in range(n_adapters):
         torch.manual_seed(100 + i)
-        peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
                                                       init_lora_weights=False))
-        peft_model.save_pretrained(root / f"a{i}")
+        peft_model.save_pretrained(str(root / f"a{i}"))
         adapters.append(root / f"a{i}")
         model = peft_model.unload()
     del model
@@ -233,7 +245,7 @@ def smoke() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model, adapters = write_model(Path(tmp), TINY, "cpu", 1)
-        llm = LLM(str(model), max_num_seqs=4, max_lora_rank=16)
+        llm = LLM(str(model), max_num_seqs=4, max_lora_rank=16, adapter_roots=[tmp])
         llm.load_adapter("a0", str(adapters[0]))
         outs = llm.generate([[1, 2, 3]] * 4, SamplingParams(temperature=0, max_tokens=4, min_tokens=4,
                                                             ignore_eos=True), adapters=[None, "a0", None, "a0"])

@@ -8,17 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, models
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedTokenizerFast,
-    Qwen3Config,
-)
-
-from bench.engine_throughput import QWEN3_06B, TARGETS
+from bench import engine_throughput
+from bench.engine_throughput import QWEN3_06B
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -32,37 +23,7 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 
-def model_config(arch: str, shape: dict) -> PretrainedConfig:
-    if arch == "llama":
-        return LlamaConfig(**shape, max_position_embeddings=4096, architectures=["LlamaForCausalLM"],
-                           bos_token_id=1, eos_token_id=2)
-    return Qwen3Config(**shape, max_position_embeddings=4096, tie_word_embeddings=True,
-                       architectures=["Qwen3ForCausalLM"], eos_token_id=0)
-
-
 def write_model(root: Path, shape_name: str, device: str, n_adapters: int, rank: int = 16) -> tuple[Path, list[Path]]:
     """``root/model`` (bf16 safetensors + tokenizer) and ``root/a0..`` (rank-``rank`` adapters on all 7 projections)."""
-    from peft import LoraConfig, get_peft_model
-
     arch, shape = SHAPES[shape_name]
-    cfg = model_config(arch, shape)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(root / "model")
-    eos = cfg.eos_token_id
-    vocab = {f"<{i}>": i for i in range(shape["vocab_size"])}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=f"<{eos}>")),
-                                  eos_token=f"<{eos}>")
-    tok.save_pretrained(root / "model")
-    adapters = []
-    for i in range(n_adapters):
-        torch.manual_seed(100 + i)
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                                                      init_lora_weights=False))
-        peft_model.save_pretrained(str(root / f"a{i}"))
-        adapters.append(root / f"a{i}")
-        model = peft_model.unload()
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return root / "model", adapters
+    return engine_throughput.write_model(root, shape, device, n_adapters, arch, rank)
