@@ -7,6 +7,8 @@ submitted at once (one ``generate`` call). Cases:
   graphs_vs_eager  batch 1, 8, 32, 128, 256 (128 in / 128 out), CUDA graphs vs eager
   lora         LoRA enabled but idle, 1 adapter, N distinct adapters (rank 16, all 7 projections)
   llama8b      Llama-3-8B shape, batch-1 decode
+  structured   Qwen3-0.6B shape, 32 x 128/128, every request under a JSON schema vs none (the demo
+               model's byte-level tokenizer, so that JSON can be spelled), same run
 Floor: weights + live K/V (+ distinct adapters' A/B) read once per decode step at the copy
 bandwidth measured in this run, plus prefill FLOPs at the measured matmul rate (bench/floors.py).
 Prints a table and one JSON line; writes bench/results/engine_throughput.json (and $OUT/ when set).
@@ -43,7 +45,11 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "llama8b")
+ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "structured", "llama8b")
+# 40+ strings: at least 130 bytes, so every constrained request runs its whole 128 tokens
+STRUCTURED_SCHEMA = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string"},
+                                                                "minItems": 40}},
+                     "required": ["words"], "additionalProperties": False}
 
 
 def model_config(arch: str, shape: dict) -> PretrainedConfig:
@@ -93,12 +99,13 @@ class Run:
         self.llm = LLM(str(model_dir), dtype="bfloat16", max_lora_rank=16, **engine)
 
     def measure(self, batch: int, prompt: int, gen: int, names: list[str | None] | None = None,
-                profile: bool = False) -> dict:
+                profile: bool = False, structured: dict | None = None) -> dict:
         from loraplex import SamplingParams
 
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(1, 500, (prompt,), generator=g).tolist() for _ in range(batch)]
-        params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True)
+        prompts = [torch.randint(1, 250, (prompt,), generator=g).tolist() for _ in range(batch)]
+        params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True,
+                                structured_outputs=structured)
         names = names or [None] * batch
         self.llm.generate(prompts[:min(batch, 4)], params, adapters=names[:min(batch, 4)])  # warm-up
         torch.cuda.synchronize()
@@ -211,6 +218,22 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
                           max_model_len=1024, max_num_batched_tokens=max(2048, batch * 128))
                 res[f"b{batch}_{'eager' if eager else 'graphs'}"] = run.measure(batch, 128, 128)
                 run.close()
+    if "structured" in cases:
+        demo = Path(__file__).parents[1] / "backend" / "demo" / "model"
+        spelled = model.parent / "model_bytes"  # the same weights, the demo model's byte-level tokenizer
+        spelled.mkdir(exist_ok=True)
+        for f in model.iterdir():
+            if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                (spelled / f.name).symlink_to(f)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (spelled / f).write_bytes((demo / f).read_bytes())
+        run = Run(spelled, s, ceilings, max_num_seqs=32, enable_lora=False, max_model_len=2048)
+        res["structured_off"] = run.measure(32, 128, 128)
+        res["structured_json"] = run.measure(32, 128, 128, structured={"json": STRUCTURED_SCHEMA})
+        res["structured_json"]["vs_unconstrained"] = round(
+            res["structured_json"]["tok_s"] / res["structured_off"]["tok_s"], 3)
+        run.close()
+        save(res, args.out)
     if "lora" in cases:
         n = len(adapters)
         for key, names, loaded, max_loras in (("lora_idle", [None] * 32, 1, 1), ("lora_1", ["a0"] * 32, 1, 1),

@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in few calls (for the lent H200): GPU-marked tests, the CPU
 # engine/LoRA parity tests re-run on CUDA, the kernel and engine benchmarks with their floors,
 # the nano-vllm workload, the HF+PEFT baseline and the served-path benchmark.
-# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|all]
+# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|all]
 # Missing Python packages travel as wheels in .whl/ (see README "GPU"); ../shared/bench in .gpu_carry/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,9 +35,14 @@ if [[ $what == bench || $what == all ]]; then
   fi
   [[ -n ${HF_BASELINE:-} && -f .gpu_carry/hf_peft_baseline.py ]] && B=32 N=32 step hf_peft 300 python3 .gpu_carry/hf_peft_baseline.py
 fi
+if [[ $what == profile ]]; then  # where a step's time goes (bench/profile_engine.py), then any CASES
+  TAIL=${TAIL:-150} step profile 400 python3 bench/profile_engine.py ${PROFILE_ARGS:-}
+  [[ -n ${CASES:-} ]] && TAIL=20 step engine 420 python3 bench/engine_throughput.py --cases "$CASES" --out "${ENGINE_OUT:-engine_cases.json}"
+fi
 if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
   [[ -n ${SERVE_SUITE:-} ]] && step serve_suite 500 bash bench/serve_suite.sh --suite "$SERVE_SUITE"
 fi
-cp bench/results/*.json "$OUT/" 2>/dev/null
+# only what this call wrote comes back ($OUT returns at most 8 files)
+find bench/results -name '*.json' -newer "$pkg" -exec cp {} "$OUT/" \; 2>/dev/null
 true
