@@ -122,13 +122,14 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         handle: StepHandle | None = None
         if not sched.is_empty:
-            handle = self.runner.launch(sched)
+            handle = self.runner.launch(sched, defer=self.overlap)
             self.scheduler.advance(sched)
         outputs: list[RequestOutput] = []
         if self._in_flight is not None:
             outputs += self._process(*self._in_flight)
             self._in_flight = None
         if handle is not None:
+            handle.complete()  # grammar-constrained sampling, now that the matchers saw the last tokens
             if handle.overlappable and self.overlap:
                 self._in_flight = (sched, handle)
             else:

@@ -46,6 +46,16 @@ class StepHandle:
         self.logprobs: list[Logprob | None] | None = None
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
+        # (logits, greedy, inputs) of a step whose sampling waits for its grammars (``complete``)
+        self._deferred: tuple[torch.Tensor, torch.Tensor | None, StepInputs] | None = None
+
+    def complete(self) -> None:
+        """Samples a step launched with ``defer``: its grammar matchers have now seen the previous
+        step's tokens, so the bitmasks are filled while the device was already running this step."""
+        if self._deferred is not None:
+            logits, greedy, inputs = self._deferred
+            self._deferred = None
+            self.runner._sample(logits, greedy, inputs, self)
 
     def copy_to_host(self, ids: torch.Tensor) -> None:
         """Starts the copy; on CPU a snapshot, read in ``result()`` (the same overlapped path as on CUDA)."""
@@ -121,10 +131,14 @@ class ModelRunner:
         return self.launch(out).result()
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> StepHandle:
+    def launch(self, out: SchedulerOutput, defer: bool = False) -> StepHandle:
         """Enqueues one step on the device and returns at once when its sampling needs nothing from the
         host (greedy rows without logprobs or penalties); ``result()`` waits for the tokens. A decode row
-        whose previous token is still on its way reads it from the device (``last_sampled``)."""
+        whose previous token is still on its way reads it from the device (``last_sampled``).
+
+        With ``defer``, a step with grammar-constrained rows returns after enqueuing the forward pass:
+        the caller advances the matchers with the previous step's tokens, then ``handle.complete()``
+        fills the bitmasks and samples (vLLM's overlap of bitmask filling with the forward pass)."""
         self.table.update(out)
         handle = StepHandle(self, [], [], {})
         if not out.requests:
@@ -144,7 +158,10 @@ class ModelRunner:
             greedy = None
         if inputs.sample_rows:
             assert logits is not None
-            self._sample(logits, greedy, inputs, handle)
+            handle._deferred = (logits, greedy, inputs)
+            if not (defer and any(inputs.states[i].structured is not None
+                                  for i, r in enumerate(inputs.requests) if r.samples)):
+                handle.complete()
         return handle
 
     def _pending_sources(self, inputs: StepInputs) -> np.ndarray | None:
@@ -191,8 +208,8 @@ class ModelRunner:
         if constrained:  # forbidden tokens -> -inf before sampling (the graph's argmax is then stale)
             logits = logits.float()
             apply_grammar_bitmask(logits, states)
-        if all(_plain_greedy(p) for p in params) and not any(blocked) and not constrained:
-            ids = greedy if greedy is not None else logits.argmax(dim=-1)
+        if all(_plain_greedy(p) for p in params) and not any(blocked):
+            ids = greedy if greedy is not None and not constrained else logits.argmax(dim=-1)
         else:
             generators = [self._generator(s) for s in states]
             batch = SamplingBatch.build(params, [s.prompt_token_ids for s in states],

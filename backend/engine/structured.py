@@ -48,6 +48,7 @@ class StructuredOutputs:
         self._lock = threading.Lock()
         self._compiler: Any = None
         self._buffer: torch.Tensor | None = None
+        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, built on first use
         self.compile_seconds = 0.0  # total time spent compiling (cache misses)
 
     def request_grammar(self, params: SamplingParams) -> RequestGrammar | None:
@@ -104,6 +105,14 @@ class StructuredOutputs:
                 # our own LRU keeps compiled grammars; xgrammar's cache would grow without bound
                 self._compiler = xgr.GrammarCompiler(info, max_threads=4, cache_enabled=False)
             return self._compiler
+
+    def batch_matcher(self) -> Any:
+        """xgrammar's batch matcher: fills many rows' bitmasks on its own threads."""
+        if self._batch is None:
+            import xgrammar as xgr
+
+            self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
+        return self._batch
 
     def bitmask_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
         """A CPU int32 [rows, ceil(V/32)] view of a reused buffer (pinned when the device is a GPU)."""
@@ -197,21 +206,29 @@ def _clean(exc: Exception) -> str:
 def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Any]) -> None:
     """Masks, in place, the tokens each constrained row's grammar forbids next.
 
-    ``logits``: [R, V'] for ``seqs`` (R sampling sequences; V' >= the grammar's vocabulary);
-    rows without a grammar are left alone.
+    ``logits``: [R, V] float for ``seqs`` (R sampling sequences; V = the model's logits width, which
+    the bitmask covers); rows without a grammar are left alone. The constrained rows' bitmasks are
+    filled by xgrammar's batch matcher (on its threads, GIL released) and applied by xgrammar's
+    kernel on the logits' device.
     """
-    rows = [i for i, s in enumerate(seqs) if getattr(s, "structured", None) is not None]
+    # a finished grammar (terminated, or a refused token) means the request has ended: this row's
+    # token is surplus (the step was launched before its end was known) and is left unmasked
+    rows = [i for i, s in enumerate(seqs) if getattr(s, "structured", None) is not None
+            and s.structured.rejected is None and not s.structured.terminated]
     if not rows:
         return
+    import xgrammar as xgr
+
     grammars: list[RequestGrammar] = [seqs[i].structured for i in rows]
-    bitmask = grammars[0].owner.bitmask_buffer(len(rows), logits.device)
-    for i, grammar in enumerate(grammars):
-        grammar.matcher.fill_next_token_bitmask(bitmask, i)
-    apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True), rows)
+    owner = grammars[0].owner
+    bitmask = owner.bitmask_buffer(len(seqs), logits.device)
+    owner.batch_matcher().batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, indices=rows)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows,
+                                    vocab_size=logits.shape[1])
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """In place: ``logits[rows[i], j] = -inf`` where bit ``j`` of ``bitmask[i]`` is 0, and for every
+    """The reference for xgrammar's kernel (the tests compare them). In place: ``logits[rows[i], j] = -inf`` where bit ``j`` of ``bitmask[i]`` is 0, and for every
     ``j >= 32 * bitmask.shape[1]``. Pure torch, so it runs on CPU and CUDA alike.
 
     logits: [R, V] float; bitmask: [len(rows), W] int32 on logits' device, bit j%32 of word j//32.
