@@ -11,9 +11,16 @@ back until a later token completes it, or until ``finish()``.
 The window starts inside the prompt, so the first output token is decoded in
 context: after the prompt "Hi", "▁there" yields " there" (as in vLLM), whereas
 ``tokenizer.decode(output_ids)`` alone would strip that space.
+
+With a fast (Rust) tokenizer, the per-token path is the tokenizers library's own
+``DecodeStream`` primed with the same prompt tail (one call per token, as vLLM's
+fast detokenizer does); the window decode above stays for ``finish()`` and for
+tokenizers it cannot serve.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -42,8 +49,21 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # window start
         self._read_offset = len(context)  # ids up to here have been turned into text
         self._num_context = len(context)
-        self._prefix_text = self._decode(0, len(context))
+        self._prefix_text: str | None = self._decode(0, len(context))
         self._chunks: list[str] = []
+        self._fast: Any = getattr(tokenizer, "_tokenizer", None)
+        self._stream: Any = None
+        if self._fast is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+
+                self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+                # the prompt tail: context, not output. A tail the stream holds back (it ends in U+FFFD)
+                # would come out with the first output token: the window path then
+                if context and not self._stream.step(self._fast, list(context)):
+                    self._stream = None
+            except Exception:  # an older tokenizers, or a decoder it cannot stream: the window path
+                self._stream = None
 
     @property
     def text(self) -> str:
@@ -61,10 +81,18 @@ class IncrementalDetokenizer:
             self._chunks.append(delta)
         return delta
 
+    def push_one(self, token_id: int) -> str:
+        """``push([token_id])``, without the list."""
+        delta = self._push_one(token_id)
+        if delta:
+            self._chunks.append(delta)
+        return delta
+
     def finish(self) -> str:
         """Emits whatever is held back (an unfinished character decodes as U+FFFD)."""
+        self._stream = None  # nothing more to stream
         window_text = self._decode(self._prefix_offset, len(self._ids))
-        delta = window_text[len(self._prefix_text) :]
+        delta = window_text[len(self._prefix()) :]
         self._advance(window_text)
         if delta:
             self._chunks.append(delta)
@@ -88,16 +116,34 @@ class IncrementalDetokenizer:
 
     def _push_one(self, token_id: int) -> str:
         self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                chunk = self._stream.step(self._fast, token_id)
+            except Exception:  # the stream refused this id: the window path from here on
+                self._stream = None
+            else:
+                if not chunk:
+                    return ""  # nothing new yet (an unfinished character, or a skipped special token)
+                self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+                self._prefix_text = None  # decoded only if the window path needs it
+                return str(chunk)
         window_text = self._decode(self._prefix_offset, len(self._ids))
-        if len(window_text) <= len(self._prefix_text) or window_text.endswith(REPLACEMENT_CHAR):
+        prefix = self._prefix()
+        if len(window_text) <= len(prefix) or window_text.endswith(REPLACEMENT_CHAR):
             return ""  # nothing new yet, or the last character is unfinished
-        delta = window_text[len(self._prefix_text) :]
+        delta = window_text[len(prefix) :]
         self._advance(window_text)
         return delta
 
+    def _prefix(self) -> str:
+        """The window's text already emitted (``ids[prefix_offset:read_offset]``)."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
+        return self._prefix_text
+
     def _advance(self, window_text: str) -> None:
         """Slides the window: emitted ids become the next step's prefix."""
-        if len(window_text) <= len(self._prefix_text):
+        if len(window_text) <= len(self._prefix()):
             return
         old_read = self._read_offset
         self._read_offset = len(self._ids)

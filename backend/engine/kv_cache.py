@@ -85,6 +85,8 @@ class KVCacheManager:
     def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None) -> bool:
         """Gives ``seq`` blocks for ``num_computed_tokens + num_new_tokens`` tokens (after taking
         ``cached_blocks``). Returns False, changing nothing, when the pool is short."""
+        if not cached_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_ids) * self.block_size:
+            return True  # its blocks already hold these tokens (most decode steps)
         cached_blocks = cached_blocks or []
         reusable_free = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         total = seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens
@@ -105,15 +107,19 @@ class KVCacheManager:
         """Publishes the sequence's full, computed blocks in the prefix cache."""
         if not self.enable_prefix_caching:
             return
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_blocks_published:
+            return  # no block filled since the last call (most tokens)
         self.update_hashes(seq)
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes))
-        for i in range(num_full):
+        num_full = min(num_full, len(seq.block_hashes))
+        for i in range(seq.num_blocks_published, num_full):
             block = self.blocks[seq.block_ids[i]]
             if block.block_hash is None:
                 block_hash = seq.block_hashes[i]
                 if block_hash not in self.cached:
                     block.block_hash = block_hash
                     self.cached[block_hash] = block.block_id
+        seq.num_blocks_published = max(seq.num_blocks_published, num_full)
 
     def free_seq(self, seq: Sequence) -> None:
         """Releases the sequence's blocks, tail first, so the LRU evicts tails before heads."""
@@ -124,6 +130,7 @@ class KVCacheManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_ids = []
+        seq.num_blocks_published = 0
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached block no sequence holds; True when none is left cached.

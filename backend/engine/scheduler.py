@@ -26,7 +26,9 @@ class ScheduledSeq:
     samples: bool = field(init=False)  # the chunk reaches the end of the sequence's tokens: one is sampled
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        seq = self.seq
+        self.samples = seq.num_computed_tokens + self.num_new_tokens == (
+            len(seq.prompt_token_ids) + len(seq.output_token_ids) + seq.num_pending)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +135,14 @@ class Scheduler:
         out.finished_req_ids, self.finished_ids = self.finished_ids, set()
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        running = Status.RUNNING
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or budget <= 0:
+            if seq.status is not running or budget <= 0:
                 continue
-            if seq.num_pending and seq.num_output_tokens + seq.num_pending >= seq.max_tokens:
+            num_out = len(seq.output_token_ids)
+            if seq.num_pending and num_out + seq.num_pending >= seq.max_tokens:
                 continue  # its last token is on the way: nothing more to compute
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(len(seq.prompt_token_ids) + num_out + seq.num_pending - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, n):
                 victim = self._pick_victim()
                 self._preempt(victim, out)

@@ -41,6 +41,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     num_blocks_sent: int = 0  # block ids already described to the runner (0: it must (re)build the request)
     block_hashes: list[bytes] = field(default_factory=list)  # hash chain of full blocks of all_token_ids
+    num_blocks_published: int = 0  # leading blocks already offered to the prefix cache
     status: Status = Status.WAITING
     num_preemptions: int = 0
     timings: RequestTimings = field(default_factory=RequestTimings)
