@@ -8,10 +8,8 @@ One kernel serves both step kinds. A program owns one sequence, one KV head and 
 ``BLOCK_Q`` query tokens times the ``G = H / Hkv`` query heads of that KV head, flattened into
 ``BLOCK_M = BLOCK_Q * G_PAD`` rows (GQA/MQA read each K/V tile once for the whole group).
 - decode (max_query_len == 1): BLOCK_Q = 1 and the context is cut into ``splits`` ranges
-  (flash-decoding); each split writes a normalised partial output and its log-sum-exp, then
-  counts itself in a per-(sequence, KV head) semaphore; the split that arrives last merges the
-  partials of its query group and resets the semaphore (one launch, no second merge kernel).
-  The split count depends only on shapes (CUDA-graph safe).
+  (flash-decoding); each split writes a normalised partial output and its log-sum-exp, and
+  a second kernel merges them. The split count depends only on shapes (CUDA-graph safe).
 - prefill / mixed: a grid of (sequence, query tile) programs; tiles past a sequence's query
   count exit at once. Online softmax in float32, causal and sliding-window masks.
 Nothing here reads a tensor value on the host.
@@ -45,7 +43,7 @@ PREFILL_BIG = {"block_m": 64, "block_n": 32, "warps": 4, "stages": 2}
 
 @triton.jit
 def _attn_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr, sem_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     bt_ptr, seq_lens_ptr, qsl_ptr,
     scale_log2, window,
     s_qt, s_qh, s_kn, s_kb, s_kh, s_vn, s_vb, s_vh, s_ot, s_oh, s_bt,
@@ -125,43 +123,30 @@ def _attn_kernel(
         part = (b * SPLITS + split).to(tl.int64) * H + heads
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
         tl.store(part_o_ptr + part[:, None] * D + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
-        # every thread's partial is stored before the count (release); the last split merges (acquire)
-        tl.debug_barrier()
-        sem = sem_ptr + b * tl.num_programs(1) + kvh
-        arrived = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            tl.debug_barrier()
-            tl.store(sem, 0)  # ready for the next launch (and the next graph replay)
-            _merge_group(out_ptr, part_o_ptr, part_lse_ptr, q_start, b, heads, row_ok, d, d_ok, s_ot, s_oh, H,
-                         D, SPLITS)
     else:
         tl.store(out_ptr + (q_start + qi).to(tl.int64)[:, None] * s_ot + heads[:, None] * s_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _merge_group(out_ptr, part_o_ptr, part_lse_ptr, q_start, b, heads, row_ok, d, d_ok, s_ot, s_oh, H,
-                 D: tl.constexpr, SPLITS: tl.constexpr):
-    """out[q_start, heads] = the partials of every split weighted by their share of the softmax
-    mass; loads bypass L1 (.cg): other programs wrote these partials during this launch."""
-    m = tl.full(heads.shape, float("-inf"), tl.float32)
-    for s in range(SPLITS):
-        lse = tl.load(part_lse_ptr + (b * SPLITS + s).to(tl.int64) * H + heads, mask=row_ok,
-                      other=float("-inf"), cache_modifier=".cg")
-        m = tl.maximum(m, lse)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros(heads.shape, tl.float32)
-    acc = tl.zeros([heads.shape[0], d.shape[0]], tl.float32)
-    for s in range(SPLITS):
-        part = (b * SPLITS + s).to(tl.int64) * H + heads
-        w = tl.math.exp2(tl.load(part_lse_ptr + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m)
-        o = tl.load(part_o_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-                    cache_modifier=".cg")
-        total += w
-        acc += o * w[:, None]
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(out_ptr + q_start.to(tl.int64) * s_ot + heads[:, None] * s_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+def _merge_splits_kernel(out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, s_ot, s_oh, H,
+                         D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) - q_start != 1:  # only one-token rows are split
+        return
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    part = (b * SPLITS + s).to(tl.int64) * H + h
+    lse = tl.load(part_lse_ptr + part, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - m)  # split 0 always holds keys, so m is finite
+    w = w / tl.sum(w, 0)
+    o = tl.load(part_o_ptr + part[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None] & (d < D)[None, :],
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0)
+    tl.store(out_ptr + q_start.to(tl.int64) * s_ot + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
@@ -229,13 +214,12 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     q_tiles = triton.cdiv(max(max_query_len, 1), block_q)
     d_pad = triton.next_power_of_2(head_dim)
     window = sliding_window if sliding_window is not None and sliding_window > 0 else 0
-    part_o = part_lse = sem = out  # unused unless split
+    part_o = part_lse = out  # unused unless split
     if splits > 1:
         part_o = torch.empty(num_seqs, splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, splits, num_heads, dtype=torch.float32, device=q.device)
-        sem = _semaphores(num_seqs * num_kv_heads, q.device)
     _attn_kernel[(num_seqs * q_tiles, num_kv_heads, splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, sem, block_tables, seq_lens, query_start_loc,
+        q, k_cache, v_cache, out, part_o, part_lse, block_tables, seq_lens, query_start_loc,
         scale * LOG2E, window,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
         block_tables.stride(0), num_heads,
@@ -243,23 +227,11 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
         Q_TILES=q_tiles, SPLITS=splits, USE_WINDOW=window > 0, DOT_F32=_dot_f32(q.dtype), ROWS=rows,
         num_warps=warps, num_stages=stages,
     )
-
-
-_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-
-
-def _semaphores(n: int, device: torch.device) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``n`` counters, kept per device: each split launch leaves
-    its counters at 0 again, so one buffer serves every launch and every graph replay (it grows
-    only outside capture: warm-up runs reach each captured size first)."""
-    buf = _SEMAPHORES.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)  # graphs captured earlier still point at it
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _SEMAPHORES[device] = buf
-    return buf
+    if splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            out, part_o, part_lse, query_start_loc, out.stride(0), out.stride(1), num_heads,
+            D=head_dim, D_PAD=d_pad, SPLITS=splits, S_PAD=triton.next_power_of_2(splits), num_warps=4,
+        )
 
 
 @triton.jit
