@@ -11,6 +11,7 @@ sends the sampled result back. Any error is reported and ends the process; the e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -44,10 +45,8 @@ def run_worker(rank: int, world_size: int, init_method: str, config: EngineConfi
         pass
     except BaseException as exc:
         log.exception("tensor-parallel worker %d failed", rank)
-        try:
+        with contextlib.suppress(OSError):
             conn.send_bytes(pickle.dumps(("error", rank, f"{exc!r}\n{traceback.format_exc()}")))
-        except OSError:
-            pass
         os._exit(1)  # skip the process group's teardown: peers may be gone
     finally:
         conn.close()
