@@ -159,7 +159,7 @@ class TPExecutor:
         self.dead: str | None = None
         self._timeout = config.stuck_step_seconds
         self._lock = threading.Lock()
-        self._stopping = False
+        self._stopping = {"stopping": False}  # shared with the finalizer: the workers' exits are then expected
         self._unanswered = 0  # launched steps whose result was not read yet
         self._early: list[list[tuple[Any, ...]]] = [[] for _ in range(world_size)]  # read before their turn
         ctx = multiprocessing.get_context("spawn")
@@ -176,7 +176,7 @@ class TPExecutor:
                 child.close()
                 self.conns.append(parent)
                 self.procs.append(proc)
-        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.conns, self._dir)
+        self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.conns, self._dir, self._stopping)
         blocks = self._gather("blocks", START_TIMEOUT)
         self.num_blocks = min(blocks)  # KV blocks that fit on every rank
 
@@ -188,7 +188,8 @@ class TPExecutor:
         """Sizes every rank's KV cache, waits for the runners, then watches the workers."""
         self._broadcast(pickle.dumps(("init", num_blocks, max_model_len)))
         self._gather("ready", START_TIMEOUT)
-        threading.Thread(target=self._watch, name="loraplex-tp-watchdog", daemon=True).start()
+        threading.Thread(target=_watch, args=(weakref.ref(self), [p.sentinel for p in self.procs], self._stopping),
+                         name="loraplex-tp-watchdog", daemon=True).start()
 
     # ---- steps
     def launch(self, sched: SchedulerOutput) -> TPStepHandle:
@@ -274,19 +275,22 @@ class TPExecutor:
         self._finalizer()
         raise WorkerDiedError(self.dead)
 
-    def _watch(self) -> None:
-        """Notices a worker that exits between steps (an idle engine has no step to fail)."""
-        wait([p.sentinel for p in self.procs])
-        if not self._stopping and self.dead is None:
-            with contextlib.suppress(WorkerDiedError):
-                self._fail(None)
-
     def shutdown(self) -> None:
-        self._stopping = True
         self._finalizer()
 
 
-def _stop_workers(procs: list[Any], conns: list[Connection], tmpdir: str) -> None:
+def _watch(ref: weakref.ref[TPExecutor], sentinels: list[int], stopping: dict[str, bool]) -> None:
+    """Notices a worker that exits between steps (an idle engine has no step to fail); holds the
+    executor weakly, so a dropped engine still stops its workers."""
+    wait(sentinels)
+    executor = ref()
+    if executor is not None and not stopping["stopping"] and executor.dead is None:
+        with contextlib.suppress(WorkerDiedError):
+            executor._fail(None)
+
+
+def _stop_workers(procs: list[Any], conns: list[Connection], tmpdir: str, stopping: dict[str, bool]) -> None:
+    stopping["stopping"] = True
     stop = pickle.dumps(("stop",))
     for conn in conns:
         with contextlib.suppress(OSError):
