@@ -27,7 +27,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **engine_args: Any):
         self.config = EngineConfig.from_kwargs(model=model, **engine_args)
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine.create(self.config)
         self._ids = itertools.count()
 
     @property

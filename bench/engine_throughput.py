@@ -9,6 +9,8 @@ submitted at once (one ``generate`` call). Cases:
   llama8b      Llama-3-8B shape, batch-1 decode
   structured   Qwen3-0.6B shape, 32 x 128/128, every request under a JSON schema vs none (the demo
                model's byte-level tokenizer, so that JSON can be spelled), same run
+  tp           Llama-3-8B shape, 32 x 128 in / 128 out at tensor_parallel_size 1 and 2, base and with
+               32 distinct adapters (skipped with fewer than 2 GPUs; the TP-2 floor is the TP-1 floor / 2)
 Floor: weights + live K/V (+ distinct adapters' A/B) read once per decode step at the copy
 bandwidth measured in this run, plus prefill FLOPs at the measured matmul rate (bench/floors.py).
 Prints a table and one JSON line; writes bench/results/engine_throughput.json (and $OUT/ when set).
@@ -45,7 +47,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "structured", "llama8b")
+ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "structured", "llama8b", "tp")
 # 40+ strings: at least 130 bytes, so every constrained request runs its whole 128 tokens
 STRUCTURED_SCHEMA = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string"},
                                                                 "minItems": 40}},
@@ -132,6 +134,9 @@ class Run:
                 "graph_MiB": round(graphs.graph_memory_bytes / 2**20, 1)}
 
     def close(self) -> None:
+        shutdown = getattr(self.llm.engine, "shutdown", None)  # tensor parallelism: stop the workers
+        if shutdown is not None:
+            shutdown()
         del self.llm
         torch.cuda.empty_cache()
 
@@ -195,7 +200,35 @@ def main() -> None:
             run = Run(llama, LLAMA3_8B, (bw, flops), max_num_seqs=1, enable_lora=False, max_model_len=2048)
             res["llama8b_decode1"] = run.measure(1, 16, 256)
             run.close()
+            save(res, args.out)
+        if "tp" in cases:
+            run_tp_case(res, Path(tmp) / "llama_tp", (bw, flops), args)
     report(res, args.out)
+
+
+def run_tp_case(res: dict, root: Path, ceilings, args) -> None:
+    """Llama-3-8B shape decode throughput at TP 1 and 2, without and with 32 distinct adapters."""
+    if torch.cuda.device_count() < 2:
+        res["tp"] = {"skipped": f"needs 2 GPUs, {torch.cuda.device_count()} visible"}
+        print("tp: skipped (fewer than 2 GPUs)")
+        return
+    n = args.adapters
+    model, adapters = write_model(root, LLAMA3_8B, "cuda", n, arch="llama")
+    for tp in (1, 2):
+        for key, names in ((f"tp{tp}_base", None), (f"tp{tp}_lora{n}", [f"a{i % n}" for i in range(32)])):
+            engine = dict(tensor_parallel_size=tp, max_num_seqs=32, max_model_len=2048,
+                          enable_lora=names is not None, max_loras=max(1, n), adapter_roots=[str(root)])
+            run = Run(model, LLAMA3_8B, ceilings, **engine)
+            if names is not None:
+                for i, path in enumerate(adapters):
+                    run.llm.load_adapter(f"a{i}", str(path))
+            r = run.measure(32, 128, 128, names=names)
+            if tp > 1:  # each rank reads 1/tp of the bytes, in parallel (all-reduce time not counted)
+                r["floor_ms_per_step"] = round(r["floor_ms_per_step"] / tp, 3)
+                r["pct_of_floor"] = round(100 * r["floor_ms_per_step"] / r["ms_per_step"], 1)
+            res[key] = {**r, **run.graph_info()}
+            run.close()
+            save(res, args.out)
 
 
 def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str], ceilings, args) -> None:

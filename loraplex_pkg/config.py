@@ -101,6 +101,8 @@ class EngineConfig(_Validated):
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     stuck_step_seconds: float = opt(60.0, "a step running longer than this marks the engine unhealthy", lo=1.0)
+    tensor_parallel_size: int = opt(1, "shard the model over this many worker processes (one GPU each; gloo "
+                                       "processes on CPU); 1 = the model runs in the engine process", lo=1, hi=64)
 
     def check(self) -> None:
         s = self.scheduler

@@ -30,7 +30,7 @@ OP_TIMEOUT = 60.0  # seconds an operation on the step thread may wait for the cu
 class AsyncEngine(FrontEnd):
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None):
         super().__init__(config)
-        self.engine = engine or LLMEngine(config)
+        self.engine = engine or LLMEngine.create(config)
         self.core = EngineCore(self.engine, self._emit)
         self._props = model_properties(self.engine)
         self._inputs = self.engine.input_processor

@@ -82,7 +82,7 @@ def run_core(config: EngineConfig, inbox: str, outbox: str) -> None:
         from loraplex.backend.engine.async_engine import model_properties
         from loraplex.backend.engine.llm_engine import LLMEngine
 
-        engine = LLMEngine(config)
+        engine = LLMEngine.create(config)
     except BaseException as exc:
         log.exception("engine core failed to start")
         sender.send(("failed", portable(exc)))

@@ -35,6 +35,15 @@ ADAPTER_COUNTS_SECONDS = 0.25  # how stale the adapter gauges may get between ad
 
 
 class LLMEngine:
+    @staticmethod
+    def create(config: EngineConfig) -> LLMEngine:
+        """The engine for ``config``: with tensor_parallel_size > 1 the model runs in worker processes."""
+        if config.tensor_parallel_size > 1:
+            from loraplex.backend.distributed.executor import TPEngine
+
+            return TPEngine(config)
+        return LLMEngine(config)
+
     def __init__(self, config: EngineConfig):
         self.config = config
         parts: EngineParts = build_engine_parts(config)
@@ -48,10 +57,10 @@ class LLMEngine:
         self.kv = KVCacheManager(parts.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         assign = self.adapters.ensure_resident if self.adapters is not None else None
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras, assign)
-        self.runner = ModelRunner(parts.model, parts.num_blocks, config.cache.block_size, parts.dtype,
-                                  parts.device, config.model.seed, cuda_graphs=not config.model.enforce_eager,
-                                  max_model_len=self.max_model_len, max_num_seqs=config.scheduler.max_num_seqs,
-                                  with_lora=self.adapters is not None)
+        self.runner = parts.runner or ModelRunner(  # parts.runner: tensor parallelism's executor
+            parts.model, parts.num_blocks, config.cache.block_size, parts.dtype, parts.device, config.model.seed,
+            cuda_graphs=not config.model.enforce_eager, max_model_len=self.max_model_len,
+            max_num_seqs=config.scheduler.max_num_seqs, with_lora=self.adapters is not None)
         self.seqs: dict[str, Sequence] = {}
         self.overlap = config.scheduler.async_scheduling
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, outputs not processed

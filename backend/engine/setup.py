@@ -36,6 +36,7 @@ class EngineParts:
     eos_ids: set[int]
     adapters: Any  # lora.registry.AdapterRegistry | None
     architecture: str
+    runner: Any = None  # set when the model runs elsewhere (tensor parallelism's executor)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,6 +54,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
+    if config.tensor_parallel_size > 1:
+        from loraplex.backend.distributed.executor import build_tp_engine_parts
+
+        return build_tp_engine_parts(config)
     mc = config.model
     device = resolve_device(mc.device)
     dtype = resolve_dtype(mc.dtype, device)
