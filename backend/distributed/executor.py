@@ -142,6 +142,9 @@ class TPStepHandle:
         self.executor = executor
         self._result: StepResult | None = None
 
+    def complete(self) -> None:
+        """Nothing to finish: structured outputs (the only deferred sampling) are refused under TP."""
+
     def result(self) -> StepResult:
         if self._result is None:
             self._result = self.executor._next_result()
@@ -192,7 +195,8 @@ class TPExecutor:
                          name="loraplex-tp-watchdog", daemon=True).start()
 
     # ---- steps
-    def launch(self, sched: SchedulerOutput) -> TPStepHandle:
+    def launch(self, sched: SchedulerOutput, defer: bool = False) -> TPStepHandle:
+        """Sends step ``sched`` to every rank; ``defer`` has nothing to defer here (see ``complete``)."""
         while self._unanswered:  # a handle dropped unread (a failed step): keep replies in step
             self._next_result()
         self._raise_if_dead()
