@@ -91,6 +91,21 @@ def write_model(root: Path, shape: dict, device: str, n_adapters: int, arch: str
     return root / "model", adapters
 
 
+def byte_tokenizer_copy(model: Path) -> Path:
+    """``model``'s weights beside the demo model's byte-level tokenizer (so that JSON can be spelled)."""
+    demo = Path(__file__).parents[1] / "backend" / "demo" / "model"
+    spelled = model.parent / "model_bytes"
+    if spelled.exists():
+        return spelled
+    spelled.mkdir()
+    for f in model.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (spelled / f.name).symlink_to(f)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (spelled / f).write_bytes((demo / f).read_bytes())
+    return spelled
+
+
 class Run:
     """One engine configuration measured on one workload."""
 
@@ -252,15 +267,7 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
                 res[f"b{batch}_{'eager' if eager else 'graphs'}"] = run.measure(batch, 128, 128)
                 run.close()
     if "structured" in cases:
-        demo = Path(__file__).parents[1] / "backend" / "demo" / "model"
-        spelled = model.parent / "model_bytes"  # the same weights, the demo model's byte-level tokenizer
-        spelled.mkdir(exist_ok=True)
-        for f in model.iterdir():
-            if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-                (spelled / f.name).symlink_to(f)
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (spelled / f).write_bytes((demo / f).read_bytes())
-        run = Run(spelled, s, ceilings, max_num_seqs=32, enable_lora=False, max_model_len=2048)
+        run = Run(byte_tokenizer_copy(model), s, ceilings, max_num_seqs=32, enable_lora=False, max_model_len=2048)
         res["structured_off"] = run.measure(32, 128, 128)
         res["structured_json"] = run.measure(32, 128, 128, structured={"json": STRUCTURED_SCHEMA})
         res["structured_json"]["vs_unconstrained"] = round(

@@ -6,7 +6,8 @@ Random-weight Qwen3-0.6B shape, bf16, greedy, EOS ignored (the shape of bench/en
   host     cProfile of one ``generate`` call at each --batches size (128 in / 128 out): the host
            functions by own time, per engine step.
 Prints tables; writes profile_engine.json to bench/results/ and $OUT.
-Usage: python bench/profile_engine.py [--what kernels,host] [--batches 32,256] [--kernel-batches 1,256] [--tiny]
+  structured  both tables at batch 32 with every request under engine_throughput's JSON schema.
+Usage: python bench/profile_engine.py [--what kernels,host,structured] [--batches 32,256] [--kernel-batches 1,256] [--tiny]
 """
 
 from __future__ import annotations
@@ -23,15 +24,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_throughput import QWEN3_06B, TINY, save, write_model  # noqa: E402
+from engine_throughput import (  # noqa: E402
+    QWEN3_06B,
+    STRUCTURED_SCHEMA,
+    TINY,
+    byte_tokenizer_copy,
+    save,
+    write_model,
+)
 
 
-def kernel_table(llm, batch: int, prompt_len: int, gen: int, rows: int = 30) -> dict:
+def kernel_table(llm, batch: int, prompt_len: int, gen: int, rows: int = 30, structured: dict | None = None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from loraplex import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True,
+                            structured_outputs=structured)
     prompts = [[(i + j) % 200 + 1 for j in range(prompt_len)] for i in range(batch)]
     llm.generate(prompts, params)
     sync()
@@ -58,10 +67,11 @@ def kernel_table(llm, batch: int, prompt_len: int, gen: int, rows: int = 30) -> 
             "kernels_per_step": round(launches, 1), "kernels": kernels[:rows]}
 
 
-def host_table(llm, batch: int, prompt_len: int, gen: int, rows: int = 30) -> dict:
+def host_table(llm, batch: int, prompt_len: int, gen: int, rows: int = 30, structured: dict | None = None) -> dict:
     from loraplex import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True,
+                            structured_outputs=structured)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 500, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     llm.generate(prompts[:4], params)
@@ -135,6 +145,14 @@ def main() -> None:
                 res[f"host_b{batch}"] = host_table(llm, batch, 128 if not args.tiny else 8, gen)
                 llm = None
                 free()
+        if "structured" in args.what:  # batch 32, every request under STRUCTURED_SCHEMA (byte-level tokenizer)
+            llm = LLM(str(byte_tokenizer_copy(model)), dtype=dtype, max_num_seqs=32, enable_lora=False,
+                      max_model_len=2048)
+            schema = {"json": STRUCTURED_SCHEMA}
+            res["structured_kernels_b32"] = kernel_table(llm, 32, 128, gen, structured=schema)
+            res["structured_host_b32"] = host_table(llm, 32, 128, gen, structured=schema)
+            llm = None
+            free()
     save(res, "profile_engine.json")
 
 

@@ -71,6 +71,8 @@ class LLMEngine:
         self._residency_key: tuple[Any, ...] = ()
         self._update_stats()  # routers read slots and preloaded adapters before the first request
         self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_ids)
+        if self.device.type == "cuda" and parts.runner is None:
+            self.structured.warm_up(self.device)  # the mask kernel compiled now, not at the first request
         tune_gc()
 
     @property

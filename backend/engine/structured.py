@@ -29,6 +29,7 @@ from loraplex.backend.engine.output import flush_text
 from loraplex.backend.outputs import RequestOutput
 from loraplex.backend.sampling_params import SamplingParams, StructuredOutputsParams
 from loraplex.errors import InvalidRequestError
+from loraplex.kernels.bitmask import apply_token_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,11 @@ class StructuredOutputs:
 
             self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
         return self._batch
+
+    def warm_up(self, device: torch.device) -> None:
+        """Compiles the bitmask kernel (one kernel serves every batch size)."""
+        logits = torch.zeros((1, self.vocab_size), dtype=torch.float32, device=device)
+        apply_token_bitmask(logits, self.bitmask_buffer(1, device).to(device), [0])
 
     def bitmask_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
         """A CPU int32 [rows, ceil(V/32)] view of a reused buffer (pinned when the device is a GPU)."""
@@ -208,8 +214,9 @@ def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Any]) -> None:
 
     ``logits``: [R, V] float for ``seqs`` (R sampling sequences; V = the model's logits width, which
     the bitmask covers); rows without a grammar are left alone. The constrained rows' bitmasks are
-    filled by xgrammar's batch matcher (on its threads, GIL released) and applied by xgrammar's
-    kernel on the logits' device.
+    filled by xgrammar's batch matcher (on its threads, GIL released) and applied on the logits'
+    device (kernels.bitmask on CUDA: xgrammar's Triton kernel specialises on the row count and so
+    recompiled in the middle of serving; xgrammar's kernel on CPU).
     """
     # a finished grammar (terminated, or a refused token) means the request has ended: this row's
     # token is surplus (the step was launched before its end was known) and is left unmasked
@@ -223,23 +230,10 @@ def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Any]) -> None:
     owner = grammars[0].owner
     bitmask = owner.bitmask_buffer(len(seqs), logits.device)
     owner.batch_matcher().batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, indices=rows)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows,
-                                    vocab_size=logits.shape[1])
-
-
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """The reference for xgrammar's kernel (the tests compare them). In place: ``logits[rows[i], j] = -inf`` where bit ``j`` of ``bitmask[i]`` is 0, and for every
-    ``j >= 32 * bitmask.shape[1]``. Pure torch, so it runs on CPU and CUDA alike.
-
-    logits: [R, V] float; bitmask: [len(rows), W] int32 on logits' device, bit j%32 of word j//32.
-    """
-    vocab = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [Rc, 32 W]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed[:, :vocab], float("-inf"))
+    if logits.device.type == "cuda":  # ours: one compiled kernel for every batch size
+        apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True), rows)
+    else:
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows, vocab_size=logits.shape[1])
 
 
 def after_token(seq: Any, out: RequestOutput) -> None:

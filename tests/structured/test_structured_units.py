@@ -1,4 +1,4 @@
-"""The pieces of structured output: the bitmask op, choice escaping, the compile cache, the
+"""The pieces of structured output (the bitmask op: tests/kernels/test_bitmask.py): choice escaping, the compile cache, the
 matcher bookkeeping, typed errors for bad constraints, and how a constrained request ends."""
 
 from __future__ import annotations
@@ -7,13 +7,11 @@ import json
 import re
 
 import pytest
-import torch
-import xgrammar as xgr
 
 from loraplex import LLM, SamplingParams
 from loraplex.backend.demo import DEMO_MODEL_DIR
 from loraplex.backend.engine.request import EngineRequest
-from loraplex.backend.engine.structured import StructuredOutputs, apply_token_bitmask
+from loraplex.backend.engine.structured import StructuredOutputs
 from loraplex.backend.sampling_params import StructuredOutputsParams
 from loraplex.errors import InvalidRequestError
 from tests.engine_factory import assert_no_leaks
@@ -24,24 +22,6 @@ pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").exists(), r
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM()
-
-
-@pytest.mark.parametrize(("rows", "vocab", "words"), [(1, 32, 1), (3, 70, 3), (5, 100, 3), (4, 272, 9)])
-def test_bitmask_op_matches_xgrammar_and_masks_the_padded_tail(rows: int, vocab: int, words: int) -> None:
-    gen = torch.Generator().manual_seed(rows * vocab)
-    logits = torch.randn(rows + 2, vocab, generator=gen)
-    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int32, generator=gen)
-    picked = list(range(1, rows + 1))  # rows 0 and rows+1 are unconstrained
-    ours = logits.clone()
-    apply_token_bitmask(ours, bitmask, picked)
-    ref = logits.clone()
-    covered = min(vocab, 32 * words)
-    ref_rows = ref[1:rows + 1, :covered].contiguous()
-    xgr.apply_token_bitmask_inplace(ref_rows, bitmask, vocab_size=covered)
-    ref[1:rows + 1, :covered] = ref_rows
-    ref[1:rows + 1, covered:] = float("-inf")  # past the bitmask: never allowed
-    torch.testing.assert_close(ours, ref)
-    assert torch.equal(ours[0], logits[0]) and torch.equal(ours[-1], logits[-1])
 
 
 def test_choice_escapes_quotes_backslashes_newlines_and_unicode(llm: LLM) -> None:

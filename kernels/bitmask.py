@@ -1,0 +1,44 @@
+"""Grammar bitmasks applied to logits: public API, torch reference and device dispatch.
+
+A bitmask row holds one bit per token (bit ``j % 32`` of int32 word ``j // 32``; 1 = allowed), as
+xgrammar fills it. On CUDA tensors the op is one Triton launch (``bitmask_triton``) whose
+integer arguments are never specialised, so a batch of any size reuses one compiled kernel (a
+recompile in the middle of serving costs more than a whole decode step); elsewhere the torch
+reference runs (``backend="triton"`` forces the kernel, on CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import Backend, use_triton
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | list[int], *,
+                        backend: Backend = "auto") -> None:
+    """In place, for each ``r`` in ``rows``: ``logits[r, j] = -inf`` where bit ``j`` of ``bitmask[r]``
+    is 0, and for every ``j >= 32 * bitmask.shape[1]`` (tokens past the mask are never allowed).
+
+    logits: [R, V] float (any float dtype); bitmask: [>= max(rows) + 1, W] int32 on logits' device;
+    rows: distinct row indices (a list, or an int tensor on logits' device). Other rows are untouched.
+    """
+    index = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.int32)
+    index = index.to(logits.device, non_blocking=True)
+    if index.numel() == 0:
+        return
+    if use_triton(logits, backend):
+        from . import bitmask_triton
+
+        bitmask_triton.apply_token_bitmask(logits, bitmask, index)
+        return
+    apply_token_bitmask_torch(logits, bitmask, index)
+
+
+def apply_token_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor, index: torch.Tensor) -> None:
+    vocab = logits.shape[1]
+    index = index.long()
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[index].unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [Rc, 32 W]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    logits[index] = logits[index].masked_fill(~allowed[:, :vocab], float("-inf"))
