@@ -46,7 +46,7 @@ class LLM:
             for prompt, p, adapter in zip(prompt_list, param_list, adapter_list, strict=True):
                 req = EngineRequest(f"llm-{next(self._ids)}", params=p, adapter=adapter,
                                     **({"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}))
-                seqs.append(self.engine.make_sequence(self.engine.input_processor.process(req)))
+                seqs.append(self.engine.make_sequence(self.engine.input_processor.process(req), final_only=True))
         except BaseException:
             for seq in seqs:
                 self.engine.release_sequence(seq)

@@ -386,8 +386,8 @@ class TPEngine(LLMEngine):
 
     runner: TPExecutor  # type: ignore[assignment]
 
-    def make_sequence(self, proc: Any) -> Sequence:
-        seq = super().make_sequence(proc)
+    def make_sequence(self, proc: Any, final_only: bool = False) -> Sequence:
+        seq = super().make_sequence(proc, final_only)
         if seq.structured is not None:  # the grammar matcher lives in the engine process
             self.release_sequence(seq)
             raise InvalidRequestError("response_format", "structured outputs are not supported with "

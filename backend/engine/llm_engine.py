@@ -80,9 +80,10 @@ class LLMEngine:
         return self.parts.device
 
     # ---- requests
-    def make_sequence(self, proc: ProcessedRequest) -> Sequence:
+    def make_sequence(self, proc: ProcessedRequest, final_only: bool = False) -> Sequence:
         """A sequence for a processed request, its adapter version pinned (thread-safe; may read adapter
-        files, so never call it on the step thread)."""
+        files, so never call it on the step thread). ``final_only``: one output when it finishes, none
+        per token (the offline API's mode; streaming requests and grammar-constrained ones stream)."""
         grammar = self.structured.request_grammar(proc.params)  # compiled (or cached) before any work is queued
         seq = Sequence(request_id=proc.request_id, prompt_token_ids=proc.prompt_token_ids, params=proc.params,
                        max_tokens=proc.max_tokens, priority=proc.priority, structured=grammar)
@@ -92,7 +93,7 @@ class LLMEngine:
                 raise InvalidRequestError("adapter", "LoRA is disabled on this server")
             seq.adapter = self.adapters.acquire(proc.adapter)
             seq.adapter_key = seq.adapter.key
-        seq.state = OutputState.create(seq, self.tokenizer, self.eos_ids)
+        seq.state = OutputState.create(seq, self.tokenizer, self.eos_ids, final_only and grammar is None)
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -168,10 +169,13 @@ class LLMEngine:
                 continue
             token = result.sampled[seq.request_id]
             out = append_token(seq, token, result.logprobs.get(seq.request_id), self.eos_ids, self.max_model_len)
-            after_token(seq, out)  # advances its grammar matcher; a completed grammar ends the request
             name = seq.adapter_key[0] if seq.adapter_key else ""
             self.stats.tokens_by_adapter[name] = self.stats.tokens_by_adapter.get(name, 0) + 1
             self.stats.generation_tokens += 1
+            if out is None:  # final-only, not finished
+                self.kv.cache_full_blocks(seq)
+                continue
+            after_token(seq, out)  # advances its grammar matcher; a completed grammar ends the request
             outputs.append(out)
             if out.finished:
                 self._finish(seq)

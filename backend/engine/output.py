@@ -18,12 +18,19 @@ class OutputState:
     matcher: StopStringMatcher | None
     prompt_logprobs: list[Logprob | None] | None = None
     prompt_logprobs_sent: bool = False
+    # final-only (vLLM's RequestOutputKind.FINAL_ONLY, what LLM.generate asks for): the text and
+    # logprobs of tokens not handed out yet; no per-token output, one output with everything at the end
+    held_text: list[str] | None = None
+    held_logprobs: list[Logprob] | None = None
 
     @classmethod
-    def create(cls, seq: Sequence, tokenizer: Any, eos_ids: set[int] | None = None) -> OutputState:
+    def create(cls, seq: Sequence, tokenizer: Any, eos_ids: set[int] | None = None,
+               final_only: bool = False) -> OutputState:
         p = seq.params
         matcher = StopStringMatcher(p.stop, p.include_stop_str_in_output) if p.stop else None
         state = cls(IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, p.skip_special_tokens), matcher)
+        if final_only:
+            state.held_text, state.held_logprobs = [], []
         if p.min_tokens:
             eos = eos_ids if eos_ids is not None else {tokenizer.eos_token_id} - {None}
             seq.early_stop_ids = sorted((set() if p.ignore_eos else set(eos)) | set(p.stop_token_ids))
@@ -33,8 +40,9 @@ class OutputState:
 
 
 def append_token(seq: Sequence, token: int, logprob: Logprob | None, eos_ids: set[int],
-                 max_model_len: int) -> RequestOutput:
-    """Appends one sampled token, checks every stop condition, returns the delta."""
+                 max_model_len: int) -> RequestOutput | None:
+    """Appends one sampled token, checks every stop condition, returns the delta (None while a
+    final-only request goes on)."""
     state: OutputState = seq.state
     now = time.monotonic()
     seq.output_token_ids.append(token)
@@ -59,6 +67,11 @@ def append_token(seq: Sequence, token: int, logprob: Logprob | None, eos_ids: se
         finish = "length"
     if finish is not None and not isinstance(stop_reason, str):
         text += flush_text(state)
+    if finish is None and state.held_text is not None:
+        state.held_text.append(text)
+        if logprob is not None:
+            state.held_logprobs.append(logprob)  # type: ignore[union-attr]
+        return None
     return make_output(seq, [token], text, [logprob] if logprob is not None else None, finish, stop_reason)
 
 
@@ -79,6 +92,11 @@ def _copy_timings(t: RequestTimings) -> RequestTimings:
 def make_output(seq: Sequence, token_ids: list[int], text: str, logprobs: list[Logprob] | None,
                 finish: str | None, stop_reason: int | str | None = None, error: str | None = None) -> RequestOutput:
     state: OutputState = seq.state
+    if state.held_text is not None:  # final-only: everything not handed out yet
+        text = "".join(state.held_text) + text
+        logprobs = [*(state.held_logprobs or []), *(logprobs or [])] or None
+        token_ids = list(seq.output_token_ids)
+        state.held_text, state.held_logprobs = [], []
     prompt_lps = None
     if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:
         prompt_lps, state.prompt_logprobs_sent = state.prompt_logprobs, True
