@@ -2,7 +2,9 @@
 # Everything that needs a GPU, in few calls (for the lent H200): GPU-marked tests, the CPU
 # engine/LoRA parity tests re-run on CUDA, the kernel and engine benchmarks with their floors,
 # the nano-vllm workload, the HF+PEFT baseline and the served-path benchmark.
-# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|all]
+# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|quick|all]
+# quick: the least that proves this round on a short device budget: the GPU kernel tests, the GEMM
+# sweep that writes its config table (QUICK_SWEEP), the engine cases in QUICK_CASES and nano-vllm.
 # Missing Python packages travel as wheels in .whl/ (see README "GPU"); ../shared/bench in .gpu_carry/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,13 @@ fi
 if [[ $what == profile ]]; then  # where a step's time goes (bench/profile_engine.py), then any CASES
   TAIL=${TAIL:-150} step profile 400 python3 bench/profile_engine.py ${PROFILE_ARGS:-}
   [[ -n ${CASES:-} ]] && TAIL=20 step engine 420 python3 bench/engine_throughput.py --cases "$CASES" --out "${ENGINE_OUT:-engine_cases.json}"
+fi
+if [[ $what == quick ]]; then
+  step gpu_kernel_tests ${QUICK_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu ${QUICK_TESTS:-tests/kernels}
+  [[ -n ${QUICK_SWEEP:-} ]] && step sweep ${QUICK_SWEEP_S:-60} python3 $QUICK_SWEEP
+  TAIL=30 step engine ${QUICK_ENGINE_S:-200} python3 bench/engine_throughput.py --cases "${QUICK_CASES:-decode1,b32,structured,lora}"
+  [[ -f .gpu_carry/nano_vllm_workload.py ]] && step nano_vllm ${QUICK_NANO_S:-100} python3 .gpu_carry/nano_vllm_workload.py \
+    && cp "$OUT/nano_vllm.log" bench/results/nano_vllm_workload.log
 fi
 if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
