@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -132,6 +133,24 @@ def _triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
         return y
     gemv_triton.gemv(x, w, bias, y, config)
     return y
+
+
+def warm_up(weights: Iterable[torch.Tensor]) -> int:
+    """Compiles, before serving, every kernel that auto dispatch will launch for these weights [N, K]
+    (each row bucket the table takes the kernel for), so no request waits for Triton's compiler and
+    no CUDA-graph capture meets a first launch. Returns the number of launches."""
+    seen, launches = set(), 0
+    for w in weights:
+        key = (tuple(w.shape), w.dtype, w.device)
+        if w.device.type != "cuda" or w.dim() != 2 or key in seen:
+            continue
+        seen.add(key)
+        for m in M_BUCKETS:
+            x = torch.zeros((m, w.shape[1]), dtype=w.dtype, device=w.device)
+            if auto_config(x, w) is not None:
+                skinny_linear(x, w)
+                launches += 1
+    return launches
 
 
 # ---- configs
