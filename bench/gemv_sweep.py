@@ -79,13 +79,13 @@ def gemv():  # type: ignore[no-untyped-def]  # imported late: --cpu-smoke sets T
 
 
 def split_choices(n: int, k: int, bn: int, bk: int, splits: Sequence[int], sms: int) -> list[int]:
-    """1, the smallest split giving at least one program per SM, and the next one; only splits whose
+    """1, the smallest split giving at least one program per SM, and the next two; only splits whose
     K ranges are whole tiles (or all of them on shapes where none is)."""
     even = [s for s in splits if k % (s * bk) == 0]
     allowed = even or [s for s in splits if math.ceil(k / s) >= bk] or [1]
     tiles = math.ceil(n / bn)
     first = next((i for i, s in enumerate(allowed) if tiles * s >= sms), len(allowed) - 1)
-    return sorted({allowed[0], *allowed[first:first + 2]})
+    return sorted({allowed[0], *allowed[first:first + 3]})
 
 
 def candidates(m: int, n: int, k: int, grid: Grid, sms: int) -> list:
@@ -318,14 +318,18 @@ def step_totals(cases: list[Case]) -> list[dict[str, Any]]:
 
 
 def write_table(cases: list[Case], device_name: str, path: Path) -> None:
-    """Merges this GPU model's entries into the config table that kernels/gemv.py reads."""
+    """Merges this run's entries into the table that kernels/gemv.py reads (this GPU model's entries
+    for shapes not measured in this run stay)."""
     import triton
 
     table = json.loads(path.read_text()) if path.exists() else {"devices": {}}
-    table.setdefault("devices", {})[device_name] = dict(
-        date=str(datetime.date.today()), torch=torch.__version__, triton=triton.__version__,
-        entries=[dict(m=c.m, n=c.n, k=c.k, dtype_bytes=2, use=c.use, config=c.config,
-                      triton_us=round(c.triton_us, 2), cublas_us=round(c.cublas_us, 2)) for c in cases])
+    old = table.setdefault("devices", {}).get(device_name, {}).get("entries", [])
+    entries = {(e["m"], e["n"], e["k"], e["dtype_bytes"]): e for e in old}
+    for c in cases:
+        entries[(c.m, c.n, c.k, 2)] = dict(m=c.m, n=c.n, k=c.k, dtype_bytes=2, use=c.use, config=c.config,
+                                           triton_us=round(c.triton_us, 2), cublas_us=round(c.cublas_us, 2))
+    table["devices"][device_name] = dict(date=str(datetime.date.today()), torch=torch.__version__,
+                                         triton=triton.__version__, entries=[entries[k] for k in sorted(entries)])
     path.write_text(dump_table(table))
     print(f"wrote {path} ({device_name}: {sum(c.use for c in cases)} of {len(cases)} shapes use the kernel)")
 
@@ -345,7 +349,7 @@ def dump_table(table: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    p.add_argument("--m", nargs="+", type=int, default=list(M_VALUES), choices=M_VALUES, help="rows of x")
+    p.add_argument("--m", nargs="+", type=int, choices=M_VALUES, help="rows of x (default: all; smoke: 1 4)")
     p.add_argument("--reps", type=int, default=5, help="graph replays per timing (median)")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="time for the whole sweep; each shape gets its share and stops trying configs after it")
@@ -360,12 +364,12 @@ def main(argv: Sequence[str] | None = None) -> list[Case]:
     args = parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before loraplex.kernels.gemv_triton imports triton
-        shapes, ms, grid, device, reps = SMOKE_SHAPES, [1, 4], SMOKE_GRID, "cpu", 1
+        shapes, ms, grid, device, reps = SMOKE_SHAPES, args.m or [1, 4], SMOKE_GRID, "cpu", 1
         device_name = "cpu (smoke run, Triton interpreter: timings meaningless)"
     else:
         if not torch.cuda.is_available():
             sys.exit("gemv_sweep needs a CUDA GPU (or --cpu-smoke)")
-        shapes, ms, grid, device, reps = {m: SHAPES[m] for m in args.models}, args.m, GPU_GRID, "cuda", args.reps
+        shapes, ms, grid, device, reps = {m: SHAPES[m] for m in args.models}, args.m or M_VALUES, GPU_GRID, "cuda", args.reps
         device_name = torch.cuda.get_device_name()
     print(HEADER, flush=True)
     t0 = time.perf_counter()

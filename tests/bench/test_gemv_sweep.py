@@ -31,6 +31,13 @@ def test_cpu_smoke_writes_results_and_a_table_the_kernel_reads(tmp_path: Path) -
         assert c["speedup"] == c["cublas_us"] / c["triton_us"]
     table = load_table(table_path)
     assert "GPU A" in table["devices"] and table["_about"] == "x"  # other devices' entries are kept
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gemv_sweep.py"), "--cpu-smoke", "--m", "1",
+                           "--out", str(out), "--write-table", "--table-path", str(table_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = load_table(table_path)["devices"][report["device"]]["entries"]
+    before = table["devices"][report["device"]]["entries"]
+    assert len(merged) == 4 and [e for e in merged if e["m"] == 4] == [e for e in before if e["m"] == 4]
     parsed = parse_table(table, report["device"])
     assert set(parsed) == {(1, 40, 64, 2), (4, 40, 64, 2), (1, 24, 96, 2), (4, 24, 96, 2)}
     for (m, _, _, _), (cfg, use) in parsed.items():
@@ -46,7 +53,7 @@ def test_help_and_flags() -> None:
 
 
 def test_split_choices_keep_whole_tiles() -> None:
-    assert split_choices(1024, 3072, 8, 512, GPU_GRID.splits, 132) == [1, 2, 3]  # 128 tiles: one wave at 2
+    assert split_choices(1024, 3072, 8, 512, GPU_GRID.splits, 132) == [1, 2, 3, 6]  # 128 tiles: one wave at 2
     assert split_choices(151936, 1024, 8, 512, GPU_GRID.splits, 132) == [1, 2]
     assert split_choices(40, 50, 8, 32, GPU_GRID.splits, 132) == [1]  # no whole-tile split: the ragged ones
 
@@ -63,4 +70,4 @@ def test_gpu_grid_is_small_enough_for_one_run() -> None:
                 assert all(k % (c.split_k * c.block_k) == 0 for c in cfgs[1:])
                 variants |= {(c.block_m, c.block_n, c.block_k, c.mode, c.split_k > 1, c.num_warps, c.num_stages)
                              for c in cfgs}
-    assert trials < 3000 and len(variants) < 200, (trials, len(variants))
+    assert trials < 4000 and len(variants) < 200, (trials, len(variants))  # a few ms per trial, ~0.5 s per variant
