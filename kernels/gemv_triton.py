@@ -52,7 +52,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, p_ptr, M, N, K, K_SPLIT, s_xm, s_wn
     k_hi = k_lo + K_SPLIT
     if not EVEN_K:
         k_hi = tl.minimum(k_hi, K)
-    offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), BLOCK_K), BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows_x[:, None] * s_xm + (k_lo + offs_k)[None, :]
     w_ptrs = w_ptr + rows_w[:, None] * s_wn + (k_lo + offs_k)[None, :]
     if MODE == 0:
