@@ -199,7 +199,10 @@ class Case:
     speedup: float  # cuBLAS time / Triton time
     floor_us: float
     pct_of_floor: float  # of the faster of the two
-    use: bool  # the table takes the kernel for this shape
+    use: bool  # the table takes the kernel for this shape inside CUDA graphs
+    eager_cublas_us: float  # back-to-back eager calls, wall time per call (host launch cost included)
+    eager_triton_us: float
+    use_eager: bool  # ... and for eager launches
     best_by_reduce: dict[str, float] = field(default_factory=dict)  # direct / partials / atomic: best µs
     tried: int = 0
     failed: list[str] = field(default_factory=list)
@@ -239,8 +242,14 @@ def run_case(model: str, proj: str, m: int, bench: Bench, grid: Grid, sms: int, 
         by_reduce[kind] = min(us, by_reduce.get(kind, math.inf))
     floor = 2 * (n * k + m * k + m * n) / bandwidth * 1e6
     top = [(c.to_json(), round(us, 2)) for c, us in sorted(results.items(), key=lambda kv: kv[1])[:5]]
+    use = results[best] < cublas * (1 - MARGIN)
+    eager_cublas, eager_triton = cublas, results[best]  # on CPU every timing is eager already
+    if bench.device == "cuda":
+        eager_cublas = bench.eager_wall(F.linear, m)
+        eager_triton = bench.eager_wall(lambda x, w: gemv().skinny_linear(x, w, backend="triton", config=best), m)
     return Case(model, proj, m, n, k, cublas, results[best], best.to_json(), cublas / results[best], floor,
-                100 * floor / min(cublas, results[best]), results[best] < cublas * (1 - MARGIN),
+                100 * floor / min(cublas, results[best]), use, eager_cublas, eager_triton,
+                use and eager_triton < eager_cublas * (1 - MARGIN),
                 {k_: round(v, 2) for k_, v in by_reduce.items()}, len(results), failed[:5], top)
 
 
@@ -259,14 +268,13 @@ def copy_bandwidth(device: str) -> float:
 
 
 def sweep(shapes: dict[str, dict[str, tuple[int, int]]], ms: Sequence[int], grid: Grid, device: str, reps: int,
-          budget_s: float) -> tuple[list[Case], float, dict[str, dict[str, float]]]:
+          budget_s: float) -> tuple[list[Case], float]:
     """Every (model, projection, M) in order; past the budget the remaining cases try only the
     default config and the winners of earlier cases with the same M."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
     bandwidth = copy_bandwidth(device)
     deadline = time.perf_counter() + budget_s
     cases: list[Case] = []
-    eager: dict[str, dict[str, float]] = {}
     for model, projs in shapes.items():
         for proj, (n, k) in projs.items():
             bench = Bench(n, k, max(ms), device, reps)
@@ -274,24 +282,14 @@ def sweep(shapes: dict[str, dict[str, tuple[int, int]]], ms: Sequence[int], grid
                 seeds = [gemv().GemvConfig(**c.config) for c in cases if c.m == m]
                 cases.append(run_case(model, proj, m, bench, grid, sms, bandwidth, deadline, seeds))
                 print(fmt(cases[-1]), flush=True)
-            if device == "cuda" and 1 in ms:
-                eager[f"{model}/{proj}"] = eager_overhead(bench, next(c for c in cases[::-1] if c.m == 1))
             del bench
             if device == "cuda":
                 torch.cuda.empty_cache()
-    return cases, bandwidth, eager
+    return cases, bandwidth
 
 
-def eager_overhead(bench: Bench, case: Case) -> dict[str, float]:
-    """Eager back-to-back wall time per call at M = 1: the cost of Triton's launch path outside graphs."""
-    cfg = gemv().GemvConfig(**case.config)
-    return {"cublas_us": round(bench.eager_wall(F.linear, 1), 2),
-            "triton_us": round(bench.eager_wall(lambda x, w: gemv().skinny_linear(x, w, backend="triton",
-                                                                                   config=cfg), 1), 2)}
-
-
-HEADER = ("| model | proj | M | N | K | cuBLAS µs | Triton µs | × | floor µs | % floor | use | config |\n|"
-          + " --- |" * 12)
+HEADER = ("| model | proj | M | N | K | cuBLAS µs | Triton µs | × | floor µs | % floor | use | eager cuBLAS / "
+          "Triton µs | use eager | config |\n|" + " --- |" * 14)
 
 
 def fmt(c: Case) -> str:
@@ -299,7 +297,8 @@ def fmt(c: Case) -> str:
     desc = (f"{cfg['mode']} m{cfg['block_m']} n{cfg['block_n']} k{cfg['block_k']} s{cfg['split_k']}"
             f"{'/' + cfg['reduce'] if cfg['split_k'] > 1 else ''} w{cfg['num_warps']} st{cfg['num_stages']}")
     return (f"| {c.model} | {c.proj} | {c.m} | {c.n} | {c.k} | {c.cublas_us:.1f} | {c.triton_us:.1f} | "
-            f"{c.speedup:.2f} | {c.floor_us:.1f} | {c.pct_of_floor:.0f}% | {'yes' if c.use else 'no'} | {desc} |")
+            f"{c.speedup:.2f} | {c.floor_us:.1f} | {c.pct_of_floor:.0f}% | {'yes' if c.use else 'no'} | "
+            f"{c.eager_cublas_us:.1f} / {c.eager_triton_us:.1f} | {'yes' if c.use_eager else 'no'} | {desc} |")
 
 
 def step_totals(cases: list[Case]) -> list[dict[str, Any]]:
@@ -326,12 +325,15 @@ def write_table(cases: list[Case], device_name: str, path: Path) -> None:
     old = table.setdefault("devices", {}).get(device_name, {}).get("entries", [])
     entries = {(e["m"], e["n"], e["k"], e["dtype_bytes"]): e for e in old}
     for c in cases:
-        entries[(c.m, c.n, c.k, 2)] = dict(m=c.m, n=c.n, k=c.k, dtype_bytes=2, use=c.use, config=c.config,
-                                           triton_us=round(c.triton_us, 2), cublas_us=round(c.cublas_us, 2))
+        entries[(c.m, c.n, c.k, 2)] = dict(
+            m=c.m, n=c.n, k=c.k, dtype_bytes=2, use=c.use, use_eager=c.use_eager, config=c.config,
+            triton_us=round(c.triton_us, 2), cublas_us=round(c.cublas_us, 2),
+            eager_triton_us=round(c.eager_triton_us, 2), eager_cublas_us=round(c.eager_cublas_us, 2))
     table["devices"][device_name] = dict(date=str(datetime.date.today()), torch=torch.__version__,
                                          triton=triton.__version__, entries=[entries[k] for k in sorted(entries)])
     path.write_text(dump_table(table))
-    print(f"wrote {path} ({device_name}: {sum(c.use for c in cases)} of {len(cases)} shapes use the kernel)")
+    print(f"wrote {path} ({device_name}: of {len(cases)} shapes, {sum(c.use for c in cases)} take the kernel "
+          f"in CUDA graphs, {sum(c.use_eager for c in cases)} eagerly)")
 
 
 def dump_table(table: dict[str, Any]) -> str:
@@ -373,18 +375,16 @@ def main(argv: Sequence[str] | None = None) -> list[Case]:
         device_name = torch.cuda.get_device_name()
     print(HEADER, flush=True)
     t0 = time.perf_counter()
-    cases, bandwidth, eager = sweep(shapes, ms, grid, device, reps, args.budget_s)
+    cases, bandwidth = sweep(shapes, ms, grid, device, reps, args.budget_s)
     totals = step_totals(cases)
     print(f"\n{device_name}, {datetime.date.today()}, torch {torch.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s, sweep {time.perf_counter() - t0:.0f} s\n")
     for t in totals:
         print(f"{t['model']} M={t['m']}: linear layers per decode step {t['cublas_us']:.0f} µs with cuBLAS, "
               f"{t['picked_us']:.0f} µs with the table's picks (saves {t['saved_us']:.0f} µs)")
-    for name, e in eager.items():
-        print(f"eager M=1 {name}: {e['cublas_us']:.1f} µs/call cuBLAS, {e['triton_us']:.1f} µs/call Triton")
     report = dict(device=device_name, date=str(datetime.date.today()), torch=torch.__version__,
                   copy_bandwidth_bytes_per_s=bandwidth, budget_s=args.budget_s, step_totals=totals,
-                  eager_m1=eager, cases=[asdict(c) for c in cases])
+                  cases=[asdict(c) for c in cases])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     if os.environ.get("OUT") and not args.cpu_smoke:

@@ -4,8 +4,9 @@ config table and device dispatch.
 ``skinny_linear`` computes ``F.linear(x, w, bias)`` with a Triton kernel (``gemv_triton``) that
 streams W at near-HBM speed where cuBLAS does not for a few rows. ``backend="auto"`` takes the
 kernel only for CUDA tensors whose (row bucket, N, K, dtype size) the measured table
-``gemv_configs.json`` marks as faster than cuBLAS on this GPU model, and ``F.linear`` otherwise
-(always on CPU, so CPU numerics do not move). ``bench/gemv_sweep.py --write-table`` fills the
+``gemv_configs.json`` marks as faster than cuBLAS on this GPU model, inside CUDA graphs and eagerly
+as measured apart (Triton's launch costs more host time), and ``F.linear`` otherwise (always on
+CPU, so CPU numerics do not move). ``bench/gemv_sweep.py --write-table`` fills the
 table on a GPU; the kernel never autotunes at serving time.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,9 +137,10 @@ def _triton(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: to
 
 
 def warm_up(weights: Iterable[torch.Tensor]) -> int:
-    """Compiles, before serving, every kernel that auto dispatch will launch for these weights [N, K]
-    (each row bucket the table takes the kernel for), so no request waits for Triton's compiler and
-    no CUDA-graph capture meets a first launch. Returns the number of launches."""
+    """Compiles and loads, before serving, every kernel that auto dispatch may launch for these
+    weights [N, K] (each row bucket whose table entry takes the kernel, in graphs or eagerly), so no
+    request waits for Triton's compiler and no CUDA-graph capture meets a first launch. Returns the
+    number of launches."""
     seen, launches = set(), 0
     for w in weights:
         key = (tuple(w.shape), w.dtype, w.device)
@@ -147,8 +149,9 @@ def warm_up(weights: Iterable[torch.Tensor]) -> int:
         seen.add(key)
         for m in M_BUCKETS:
             x = torch.zeros((m, w.shape[1]), dtype=w.dtype, device=w.device)
-            if auto_config(x, w) is not None:
-                skinny_linear(x, w)
+            entry = _entry(x, w)
+            if entry is not None and (entry.in_graphs or entry.eager):
+                skinny_linear(x, w, backend="triton", config=entry.config)
                 launches += 1
     return launches
 
@@ -156,30 +159,37 @@ def warm_up(weights: Iterable[torch.Tensor]) -> int:
 # ---- configs
 
 
+class Entry(NamedTuple):
+    config: GemvConfig  # the fastest config measured for this shape
+    in_graphs: bool  # it beat cuBLAS inside a CUDA graph (how decode runs)
+    eager: bool  # it beat cuBLAS launched eagerly, host launch overhead included
+
+
 def auto_config(x: torch.Tensor, w: torch.Tensor) -> GemvConfig | None:
-    """The table's config when the kernel beat cuBLAS there on this GPU model, else None (F.linear)."""
-    if x.device.type != "cuda" or x.shape[0] > MAX_M or x.shape[0] == 0 or x.dtype != w.dtype:
+    """The table's config where the kernel beat cuBLAS for this shape on this GPU model, in the
+    way it is launched now (captured in a CUDA graph, or eagerly); else None (F.linear)."""
+    entry = _entry(x, w) if x.dtype == w.dtype else None
+    if entry is None:
         return None
-    return _lookup(x, w, require_win=True)
+    won = entry.in_graphs if torch.cuda.is_current_stream_capturing() else entry.eager
+    return entry.config if won else None
 
 
 def table_config(x: torch.Tensor, w: torch.Tensor) -> GemvConfig | None:
     """The table's best config for this shape (whether or not it beat cuBLAS), or None."""
+    entry = _entry(x, w)
+    return entry.config if entry is not None else None
+
+
+def _entry(x: torch.Tensor, w: torch.Tensor) -> Entry | None:
     if x.device.type != "cuda" or x.shape[0] > MAX_M or x.shape[0] == 0:
         return None
-    return _lookup(x, w, require_win=False)
-
-
-def _lookup(x: torch.Tensor, w: torch.Tensor, require_win: bool) -> GemvConfig | None:
-    entry = _device_table(x.device.index or 0).get((m_bucket(x.shape[0]), w.shape[0], x.shape[1], w.element_size()))
-    if entry is None or (require_win and not entry[1]):
-        return None
-    return entry[0]
+    return _device_table(x.device.index or 0).get((m_bucket(x.shape[0]), w.shape[0], x.shape[1], w.element_size()))
 
 
 @cache
-def _device_table(index: int) -> dict[tuple[int, int, int, int], tuple[GemvConfig, bool]]:
-    """(m bucket, N, K, dtype bytes) -> (config, beats cuBLAS) measured on this device's GPU model."""
+def _device_table(index: int) -> dict[tuple[int, int, int, int], Entry]:
+    """(m bucket, N, K, dtype bytes) -> entry measured on this device's GPU model."""
     return parse_table(load_table(), torch.cuda.get_device_name(index))
 
 
@@ -190,10 +200,10 @@ def load_table(path: Path = TABLE_PATH) -> dict[str, Any]:
         return json.load(f)
 
 
-def parse_table(table: dict[str, Any], device_name: str) -> dict[tuple[int, int, int, int], tuple[GemvConfig, bool]]:
+def parse_table(table: dict[str, Any], device_name: str) -> dict[tuple[int, int, int, int], Entry]:
     entries = table.get("devices", {}).get(device_name, {}).get("entries", [])
-    return {(e["m"], e["n"], e["k"], e["dtype_bytes"]): (GemvConfig(**e["config"]), bool(e["use"]))
-            for e in entries}
+    return {(e["m"], e["n"], e["k"], e["dtype_bytes"]):
+            Entry(GemvConfig(**e["config"]), bool(e["use"]), bool(e.get("use_eager", e["use"]))) for e in entries}
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = 132) -> GemvConfig:

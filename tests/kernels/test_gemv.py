@@ -135,12 +135,14 @@ def test_table_parsing_and_buckets(tmp_path):
     cfg = GemvConfig(1, 8, 512, split_k=2)
     table = {"devices": {"GPU A": {"entries": [
         dict(m=1, n=4096, k=1024, dtype_bytes=2, use=True, config=cfg.to_json()),
+        dict(m=2, n=4096, k=1024, dtype_bytes=2, use=True, use_eager=False, config=cfg.to_json()),
         dict(m=4, n=4096, k=1024, dtype_bytes=2, use=False, config=GemvConfig(4, 4, 256).to_json()),
     ]}}}
     (tmp_path / "t.json").write_text(json.dumps(table))
     parsed = parse_table(json.loads((tmp_path / "t.json").read_text()), "GPU A")
-    assert parsed[(1, 4096, 1024, 2)] == (cfg, True)
-    assert parsed[(4, 4096, 1024, 2)][1] is False
+    assert parsed[(1, 4096, 1024, 2)] == (cfg, True, True)  # use_eager defaults to use
+    assert parsed[(2, 4096, 1024, 2)] == (cfg, True, False)
+    assert parsed[(4, 4096, 1024, 2)][1:] == (False, False)
     assert parse_table(table, "GPU B") == {}
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 9, 17, 32)] == [1, 2, 4, 4, 8, 16, 32, 32]
 
