@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 MODES = {"fma": 0, "dot": 1, "dot_swap": 2}
 OUT_DIRECT, OUT_PARTIALS, OUT_ATOMIC = 0, 1, 2
+REDUCE_BLOCK = 256
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -154,8 +155,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y: torch.T
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if out != OUT_DIRECT:
-        block = min(1024, triton.next_power_of_2(n))
+        block = min(REDUCE_BLOCK, triton.next_power_of_2(n))  # small blocks: many SMs share the few bytes
         _reduce_kernel[(triton.cdiv(n, block), m)](
             partials, bias if bias is not None else partials, y, m, n, cfg.split_k if out == OUT_PARTIALS else 1,
-            y.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
+            y.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=2,
         )
