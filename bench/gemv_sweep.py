@@ -353,7 +353,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     p.add_argument("--m", nargs="+", type=int, choices=M_VALUES, help="rows of x (default: all; smoke: 1 4)")
     p.add_argument("--reps", type=int, default=5, help="graph replays per timing (median)")
-    p.add_argument("--budget-s", type=float, default=150.0,
+    p.add_argument("--budget-s", type=float, default=140.0,
                    help="time for the whole sweep; each shape gets its share and stops trying configs after it")
     p.add_argument("--write-table", action="store_true", help="write this GPU's entries into --table-path")
     p.add_argument("--table-path", type=Path, default=ROOT / "kernels" / "gemv_configs.json")

@@ -27,6 +27,7 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
   [[ -n ${KERNEL_BENCH:-} ]] && step attention_kernels 200 python3 bench/attention_kernels.py
+  [[ -n ${GEMV_SWEEP:-} ]] && TAIL=80 step gemv_sweep 300 python3 bench/gemv_sweep.py --write-table  # tunes kernels/gemv_configs.json
   TAIL=20 step engine 420 python3 bench/engine_throughput.py ${CASES:+--cases $CASES} ${PROFILE:+--profile} \
     ${ENGINE_OUT:+--out $ENGINE_OUT}
   if [[ -f .gpu_carry/nano_vllm_workload.py ]]; then  # ../shared/bench, carried
