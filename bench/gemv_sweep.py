@@ -391,6 +391,8 @@ def main(argv: Sequence[str] | None = None) -> list[Case]:
         Path(os.environ["OUT"], "gemv_sweep.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.write_table:
         write_table(cases, device_name, args.table_path)
+        if os.environ.get("OUT") and not args.cpu_smoke:  # the device machine returns only $OUT
+            Path(os.environ["OUT"], args.table_path.name).write_text(args.table_path.read_text())
     return cases
 
 

@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in few calls (for the lent H200): GPU-marked tests, the CPU
 # engine/LoRA parity tests re-run on CUDA, the kernel and engine benchmarks with their floors,
 # the nano-vllm workload, the HF+PEFT baseline and the served-path benchmark.
-# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|all]
+# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|gemv|all]
 # Missing Python packages travel as wheels in .whl/ (see README "GPU"); ../shared/bench in .gpu_carry/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,6 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
   [[ -n ${KERNEL_BENCH:-} ]] && step attention_kernels 200 python3 bench/attention_kernels.py
-  [[ -n ${GEMV_SWEEP:-} ]] && TAIL=80 step gemv_sweep 300 python3 bench/gemv_sweep.py --write-table  # tunes kernels/gemv_configs.json
   TAIL=20 step engine 420 python3 bench/engine_throughput.py ${CASES:+--cases $CASES} ${PROFILE:+--profile} \
     ${ENGINE_OUT:+--out $ENGINE_OUT}
   if [[ -f .gpu_carry/nano_vllm_workload.py ]]; then  # ../shared/bench, carried
@@ -39,6 +38,10 @@ fi
 if [[ $what == profile ]]; then  # where a step's time goes (bench/profile_engine.py), then any CASES
   TAIL=${TAIL:-150} step profile 400 python3 bench/profile_engine.py ${PROFILE_ARGS:-}
   [[ -n ${CASES:-} ]] && TAIL=20 step engine 420 python3 bench/engine_throughput.py --cases "$CASES" --out "${ENGINE_OUT:-engine_cases.json}"
+fi
+if [[ $what == gemv ]]; then  # tune the skinny-GEMM table on this GPU (copied to $OUT), then decode with it
+  TAIL=80 step gemv_sweep 300 python3 bench/gemv_sweep.py --write-table ${GEMV_ARGS:-}
+  TAIL=20 step engine 300 python3 bench/engine_throughput.py --cases "${CASES:-decode1}" --out "${ENGINE_OUT:-engine_gemv.json}"
 fi
 if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
