@@ -39,9 +39,10 @@ if [[ $what == profile ]]; then  # where a step's time goes (bench/profile_engin
   TAIL=${TAIL:-150} step profile 400 python3 bench/profile_engine.py ${PROFILE_ARGS:-}
   [[ -n ${CASES:-} ]] && TAIL=20 step engine 420 python3 bench/engine_throughput.py --cases "$CASES" --out "${ENGINE_OUT:-engine_cases.json}"
 fi
-if [[ $what == gemv ]]; then  # tune the skinny-GEMM table on this GPU (copied to $OUT), then decode with it
+if [[ $what == gemv ]]; then  # decode with the checked-in skinny-GEMM table, tune it here (copy in $OUT), decode again
+  TAIL=20 step engine_before 200 python3 bench/engine_throughput.py --cases "${CASES:-decode1}" --out engine_gemv_before.json
   TAIL=80 step gemv_sweep 300 python3 bench/gemv_sweep.py --write-table ${GEMV_ARGS:-}
-  TAIL=20 step engine 300 python3 bench/engine_throughput.py --cases "${CASES:-decode1}" --out "${ENGINE_OUT:-engine_gemv.json}"
+  TAIL=20 step engine_after 200 python3 bench/engine_throughput.py --cases "${CASES:-decode1}" --out engine_gemv_after.json
 fi
 if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
