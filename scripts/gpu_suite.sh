@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in few calls (for the lent H200): GPU-marked tests, the CPU
 # engine/LoRA parity tests re-run on CUDA, the kernel and engine benchmarks with their floors,
 # the nano-vllm workload, the HF+PEFT baseline and the served-path benchmark.
-# Results go to $OUT (or .out/) and bench/results/. Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|quick|all]
+# Results go to $OUT (or .out/) and bench/results/.
+# Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|gemv|quick|all]
 # quick: the least that proves this round on a short device budget: the GPU kernel tests, the GEMM
 # sweep that writes its config table (QUICK_SWEEP), the engine cases in QUICK_CASES and nano-vllm.
 # Missing Python packages travel as wheels in .whl/ (see README "GPU"); ../shared/bench in .gpu_carry/.
@@ -47,6 +48,11 @@ if [[ $what == quick ]]; then
   TAIL=30 step engine ${QUICK_ENGINE_S:-200} python3 bench/engine_throughput.py --cases "${QUICK_CASES:-decode1,b32,structured,lora}"
   [[ -f .gpu_carry/nano_vllm_workload.py ]] && step nano_vllm ${QUICK_NANO_S:-100} python3 .gpu_carry/nano_vllm_workload.py \
     && cp "$OUT/nano_vllm.log" bench/results/nano_vllm_workload.log
+fi
+if [[ $what == gemv ]]; then  # decode with the checked-in skinny-GEMM table, tune it here (copy in $OUT), decode again
+  TAIL=20 step engine_before 200 python3 bench/engine_throughput.py --cases "${CASES:-decode1}" --out engine_gemv_before.json
+  TAIL=80 step gemv_sweep 300 python3 bench/gemv_sweep.py --write-table ${GEMV_ARGS:-}
+  TAIL=20 step engine_after 200 python3 bench/engine_throughput.py --cases "${CASES:-decode1}" --out engine_gemv_after.json
 fi
 if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py

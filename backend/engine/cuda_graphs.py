@@ -18,6 +18,7 @@ import torch
 from loraplex.backend.engine.step_inputs import StepInputs
 from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forward_context
 from loraplex.backend.models.llama import DecoderModel
+from loraplex.kernels.gemv import skinny_linear
 from loraplex.kernels.lora import LoRABatchMeta
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -120,7 +121,7 @@ class DecodeGraphs:
         input_ids = torch.where(source >= 0, self.last_sampled[source.clamp(min=0)], self.dev_i64[0, :bs])
         with forward_context(self._context(bs, has_lora)):
             hidden = self.model(input_ids, self.dev_i64[1, :bs])
-        torch.matmul(hidden, self.model.lm_head.weight.t(), out=self.logits[:bs])
+        skinny_linear(hidden, self.model.lm_head.weight, out=self.logits[:bs])
         torch.argmax(self.logits[:bs], dim=-1, out=self.greedy[:bs])
 
     def _capture(self, bs: int, has_lora: bool) -> torch.cuda.CUDAGraph:

@@ -24,6 +24,7 @@ from loraplex.backend.layers.context import AttentionMeta, ForwardContext, forwa
 from loraplex.backend.models.llama import DecoderLayer, DecoderModel
 from loraplex.backend.outputs import Logprob
 from loraplex.backend.sampling_params import SamplingParams
+from loraplex.kernels import gemv
 from loraplex.kernels.lora import LoRABatchMeta
 
 
@@ -105,6 +106,8 @@ class ModelRunner:
         self._allocate_kv(num_blocks + 1, dtype)  # + one dummy block for padded rows of captured steps
         self.graphs: DecodeGraphs | None = None
         self.last_sampled = torch.zeros(max(2 * max_num_seqs, 8), dtype=torch.int64, device=device)
+        with torch.inference_mode():
+            gemv.warm_up(p for p in model.parameters() if p.dim() == 2)  # skinny-GEMM kernels compile now
         if cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(model, block_size, num_blocks, max_blocks, max_num_seqs, device, with_lora,
                                        self.last_sampled)

@@ -1,5 +1,8 @@
 """A linear layer (possibly fused from several projections) that adds each token's LoRA delta.
 
+The base product is ``kernels.gemv.skinny_linear``: cuBLAS, or on a GPU for a few rows (decode) the
+Triton skinny GEMM where its measured table says it is faster.
+
 The base weights are plain; the LoRA buffers are views into the slot manager's
 stacked tensors, attached once at start-up. Which slot each token uses comes
 from the forward context, so the model files never see adapters.
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from loraplex.backend.layers.context import get_context
+from loraplex.kernels.gemv import skinny_linear
 from loraplex.kernels.lora import add_lora
 
 
@@ -31,7 +35,7 @@ class LoRALinear(nn.Module):
         self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
+        y = skinny_linear(x, self.weight, self.bias)  # F.linear, or the skinny-GEMM kernel where it is faster
         meta = get_context().lora
         if meta is not None and self.lora_a is not None and not meta.no_lora:
             assert self.lora_b is not None and self.lora_scales is not None

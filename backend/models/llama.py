@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from loraplex.backend.layers.attention import PagedAttention
-from loraplex.backend.layers.basic import RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
+from loraplex.backend.layers.basic import Linear, RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
 from loraplex.backend.layers.lora import LoRALinear
 from loraplex.lora.peft import projection_shapes
 from loraplex.lora.types import PACKED_MODULES
@@ -115,7 +115,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, rope) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = rope
