@@ -38,7 +38,7 @@ DEFAULT_RANK = 16  # the rank LoRABatchMeta.build plans its tiles for when not t
 # Shrink scratch [P, T, N]: P partial sums over H_in (split-K without atomics or zeroing); fewer as T
 # grows, since tiles then fill the GPU by themselves: P = PARTIALS up to PARTIALS_MAX_TOKENS tokens,
 # halving per doubling of T above it, down to 1.
-PARTIALS, PARTIALS_MAX_TOKENS = 8, 2048
+PARTIALS, PARTIALS_MAX_TOKENS = 8, 4096
 
 
 @dataclass

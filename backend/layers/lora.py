@@ -7,14 +7,21 @@ from the forward context, so the model files never see adapters.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from loraplex.backend.layers.context import get_context
-from loraplex.kernels.lora import add_lora
+from loraplex.kernels.lora import add_lora, warmup
 
 
 class LoRALinear(nn.Module):
+    # Compile every LoRA kernel variant of a layer shape when its buffers attach (CUDA only), so no
+    # batch compiles one while serving; tests that build many engines may turn it off.
+    warm_kernels: ClassVar[bool] = True
+    _warmed: ClassVar[set[tuple]] = set()
+
     def __init__(self, in_features: int, out_slices: tuple[int, ...], bias: bool = False,
                  dtype: torch.dtype | None = None):
         super().__init__()
@@ -29,6 +36,11 @@ class LoRALinear(nn.Module):
 
     def set_lora(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor) -> None:
         self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, scales
+        key = (tuple(lora_a.shape), tuple(lora_b.shape), self.out_slices, lora_a.dtype, str(lora_a.device))
+        if lora_a.is_cuda and self.warm_kernels and key not in self._warmed:
+            LoRALinear._warmed.add(key)
+            with torch.inference_mode():
+                warmup(lora_a, lora_b, scales, self.out_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight, self.bias)
