@@ -31,8 +31,8 @@ from .lora_plan import LoRAPlan, LoRATiles, plan
 Backend = Literal["auto", "triton", "torch"]
 Kind = Literal["auto", "sgmv", "bgmv"]
 
-__all__ = ["LoRABatchMeta", "LoRAPlan", "LoRATiles", "add_lora", "bgmv_expand", "bgmv_shrink", "lora_buffer",
-           "plan", "sgmv_expand", "sgmv_shrink", "use_bgmv", "warmup"]
+__all__ = ["LoRABatchMeta", "LoRAPlan", "LoRATiles", "add_lora", "bgmv_expand", "bgmv_shrink", "expand",
+           "lora_buffer", "plan", "route", "sgmv_expand", "sgmv_shrink", "shrink", "use_bgmv", "warmup"]
 
 DEFAULT_RANK = 16  # the rank LoRABatchMeta.build plans its tiles for when not told
 # Shrink scratch [P, T, N]: P partial sums over H_in (split-K without atomics or zeroing); fewer as T
@@ -234,15 +234,35 @@ def add_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tenso
     if meta.no_lora:
         return
     _check(x, y, lora_a, lora_b, scales, out_slices)
+    tiles = route(meta, lora_a, lora_b.shape[2], kind)
+    h = shrink(x, lora_a, meta, tiles, buf, backend)
+    expand(y, h, lora_b, scales, out_slices, meta, tiles, backend)
+
+
+def route(meta: LoRABatchMeta, lora_a: Tensor, rank: int, kind: Kind = "auto") -> LoRATiles | None:
+    """The path of add_lora's two halves: None for BGMV, else SGMV's tile table (made now, on the
+    current stream, so shrink and expand may run on others)."""
+    return None if use_bgmv(meta, kind, rank) else _sgmv_tiles(meta, lora_a, rank)
+
+
+def shrink(x: Tensor, lora_a: Tensor, meta: LoRABatchMeta, tiles: LoRATiles | None, buf: Tensor | None = None,
+           backend: Backend = "auto") -> Tensor:
+    """add_lora's first half on the route's path: h float32 (see sgmv_shrink); buf from lora_buffer or None."""
     if buf is None:
         buf = lora_buffer(x.shape[0], lora_a)
-    ops, rank = _ops(x, backend), lora_b.shape[2]
-    if use_bgmv(meta, kind, rank):
-        h = ops.bgmv_shrink(x, lora_a, meta.token_slots, buf=buf)
+    ops = _ops(x, backend)
+    if tiles is None:
+        return ops.bgmv_shrink(x, lora_a, meta.token_slots, buf=buf)
+    return ops.sgmv_shrink(x, lora_a, tiles, buf=buf)
+
+
+def expand(y: Tensor, h: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[int], meta: LoRABatchMeta,
+           tiles: LoRATiles | None, backend: Backend = "auto") -> None:
+    """add_lora's second half: y += the LoRA delta of h (from shrink on the same route)."""
+    ops = _ops(y, backend)
+    if tiles is None:
         ops.bgmv_expand(y, h, lora_b, scales, out_slices, meta.token_slots)
     else:
-        tiles = _sgmv_tiles(meta, lora_a, rank)
-        h = ops.sgmv_shrink(x, lora_a, tiles, buf=buf)
         ops.sgmv_expand(y, h, lora_b, scales, out_slices, tiles)
 
 

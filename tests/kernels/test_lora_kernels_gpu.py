@@ -166,3 +166,41 @@ def test_no_new_kernel_variant_after_warmup(shape: str):
                                                  LoRAPlan("sgmv", 16))):
                 add_lora(y, x, case.lora_a, case.lora_b, case.scales, outs, meta)
     assert lora_triton.compiled_variants() == before
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+@pytest.mark.parametrize("plan", [None, LoRAPlan("sgmv", 16)], ids=["bgmv", "sgmv"])
+def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, overlap: bool):
+    """The model's layer as the decode graphs capture it, with LoRALinear.overlap_shrink (shrink on a
+    side stream beside the base GEMM) and without: base GEMM + LoRA against F.linear + the torch path."""
+    from loraplex.backend.layers.context import ForwardContext, forward_context
+    from loraplex.backend.layers.lora import LoRALinear
+
+    h_in, outs = layer_dims("qwen3-0.6b", "qkv")
+    static = real_case("qwen3-0.6b", "qkv", new_slots(64, 0), seed=9, ranks=[16] * 64)
+    layer = LoRALinear(h_in, tuple(outs), dtype=torch.bfloat16).cuda()
+    layer.weight.data.normal_(std=h_in**-0.5)
+    layer.set_lora(static.lora_a, static.lora_b, static.scales)
+    x, slots = static.x.contiguous(), static.meta.token_slots.clone()
+    graph = torch.cuda.CUDAGraph()
+    LoRALinear.overlap_shrink = overlap
+    try:
+        with torch.inference_mode():
+            with forward_context(ForwardContext(None, LoRABatchMeta.on_device(slots, plan))):  # type: ignore[arg-type]
+                layer(x)
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph), forward_context(ForwardContext(None, LoRABatchMeta.on_device(slots, plan))):  # type: ignore[arg-type]
+                out = layer(x)
+    finally:
+        LoRALinear.overlap_shrink = False
+    for seed in (10, 11, 12):
+        new = real_case("qwen3-0.6b", "qkv", new_slots(64, seed), seed=seed, ranks=[16] * 64)
+        x.copy_(new.x)
+        slots.copy_(new.meta.token_slots)
+        for dst, src in ((static.lora_a, new.lora_a), (static.lora_b, new.lora_b), (static.scales, new.scales)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = torch.nn.functional.linear(x, layer.weight)
+        add_lora(expected, x, new.lora_a, new.lora_b, new.scales, outs, new.meta, backend="torch")
+        torch.testing.assert_close(out.float(), expected.float(), atol=1.6e-2, rtol=1.6e-2)
