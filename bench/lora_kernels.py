@@ -18,7 +18,7 @@ JSON goes to --out (default bench/results/) and to $OUT when set; a table is pri
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import datetime
 import importlib
 import json
@@ -107,8 +107,9 @@ class Impl:
         return self.mod.LoRABatchMeta.build(slots, device)
 
     def layer_fn(self, calls: list[dict], meta: Any, kind: str = "auto", plan: Any = None) -> Callable[[], None]:
-        if plan is not None:
-            meta = dataclasses.replace(meta, plan=plan)
+        if plan is not None:  # a shallow copy keeps the host rows and shares the tile tables
+            meta = copy.copy(meta)
+            meta.plan = plan
         bufs = [self._buf(c) for c in calls]
         extra = {} if self.name == "old" else {"backend": "torch" if self.name == "torch" else "triton"}
 
@@ -281,19 +282,20 @@ def sweep(shapes: dict, tokens_list: tuple[int, ...], distinct_list: tuple[int, 
 TUNE_TOKENS, TUNE_DISTINCT = (8, 32, 128, 512, 4096, 16384), (1, 4, 32)
 
 
-def tune(shapes: dict, device: str, timer: Timer) -> list[dict]:
+def tune(shapes: dict, tokens_list: tuple[int, ...], device: str, timer: Timer) -> list[dict]:
     """Graph µs/layer of the new kernels under every plan, per batch shape; marks the plan's choice."""
     from loraplex.kernels.lora import LoRAPlan
 
     new = Impl("new")
     plans = [LoRAPlan("bgmv", 16)] + [LoRAPlan("sgmv", b) for b in (16, 32, 64, 128)]
+    requests = MAX_REQUESTS if device == "cuda" else SMOKE_REQUESTS
     rows = []
     for model, (hidden, inter, q, kv, num_layers) in shapes.items():
         dims = layer_dims(hidden, inter, q, kv)
-        for tokens in TUNE_TOKENS:
+        for tokens in tokens_list:
             layers = make_layers(dims, tokens, device, num_layers)
-            for distinct in sorted({min(d, tokens, MAX_REQUESTS) for d in TUNE_DISTINCT}):
-                meta = new.meta(sweep_slots(tokens, distinct), device)
+            for distinct in sorted({min(d, tokens, requests) for d in TUNE_DISTINCT}):
+                meta = new.meta(sweep_slots(tokens, distinct, requests), device)
                 row: dict = dict(model=model, tokens=tokens, distinct=distinct, chosen=str(meta.plan_for(RANK)))
                 for p in plans:
                     fns = [new.layer_fn(calls, meta, plan=p) for calls in layers]
@@ -355,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--tune", action="store_true", help="new kernels under every plan, per batch shape (GPU)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
     parser.add_argument("--models", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
-    parser.add_argument("--tokens", default=None, help="comma-separated token counts (sweep; default the full list)")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (sweep, tune; default the full list)")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="JSON folder")
     return parser.parse_args(argv)
@@ -373,15 +375,15 @@ def main(argv: list[str] | None = None) -> None:
         else torch.cuda.get_device_name()
     report: dict = dict(device=device_name, date=str(datetime.date.today()), torch=torch.__version__,
                         copy_bandwidth_bytes_per_s=bandwidth, rank=RANK, slots=SLOTS)
+    tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None
     if args.tune:
-        report["rows"] = tune(shapes, device, timer)
+        report["rows"] = tune(shapes, tokens or (SMOKE_TOKENS if args.cpu_smoke else TUNE_TOKENS), device, timer)
         write_json("lora_kernels_tune.json", report, args.out)
         return
     if args.sweep:
-        tokens = SMOKE_TOKENS if args.cpu_smoke else SWEEP_TOKENS
-        tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else tokens
         distinct = SMOKE_DISTINCT if args.cpu_smoke else SWEEP_DISTINCT
-        report["rows"] = sweep(shapes, tokens, distinct, device, timer, bandwidth)
+        report["rows"] = sweep(shapes, tokens or (SMOKE_TOKENS if args.cpu_smoke else SWEEP_TOKENS), distinct,
+                               device, timer, bandwidth)
         print(f"\n{device_name}, {report['date']}, torch {torch.__version__}, copy bandwidth "
               f"{bandwidth / 1e12:.2f} TB/s (read + write); µs per decoder layer\n\n{SWEEP_HEADER}")
         print("\n".join(_sweep_line(r) for r in report["rows"]))
