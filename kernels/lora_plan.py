@@ -132,23 +132,25 @@ def host_tiles(rows: np.ndarray, sorted_slots: np.ndarray, block_m: int,
 def device_tiles(token_slots: Tensor, block_m: int, num_slots: int) -> LoRATiles:
     """The tile table of ``token_slots`` [T] int32 (-1 = base row), built on its device.
 
-    num_slots: slots that exist (bounds the tile count); the table has max_tiles(T, num_slots, block_m)
-    entries, unused ones with slot -1.
+    num_slots: S, slots that exist (ids < S); the table has max_tiles(T, S, block_m) entries, unused
+    ones all -1. No sort (CUB's sorts are not reliably capturable): a token's place is its slot's
+    start plus the count of earlier tokens of that slot, from a [T, S+1] one-hot cumsum.
     """
     t, dev = token_slots.numel(), token_slots.device
     cap = max_tiles(t, num_slots, block_m)
-    big = torch.iinfo(torch.int32).max
-    key, order = torch.sort(torch.where(token_slots >= 0, token_slots, big), stable=True)
-    pos = torch.arange(t, device=dev)
-    new = torch.ones(t, dtype=torch.bool, device=dev)
-    new[1:] = key[1:] != key[:-1]
-    last = torch.ones_like(new)
-    last[:-1] = new[1:]
-    gstart = torch.cummax(torch.where(new, pos, 0), 0).values
-    gend = torch.where(last, pos + 1, t).flip(0).cummin(0).values.flip(0)
-    head = (key != big) & ((pos - gstart) % block_m == 0)
-    dest = torch.where(head, torch.cumsum(head, 0) - 1, cap).clamp_(max=cap)
-    entry = torch.stack([key, pos, torch.minimum(pos + block_m, gend), torch.zeros_like(pos)], 1)
-    table = torch.full((cap + 1, 4), -1, dtype=torch.int32, device=dev)
-    table.index_put_((dest,), entry.to(torch.int32))  # row cap collects the non-heads
-    return LoRATiles(order.to(torch.int32), table[:cap], cap, block_m)
+    key = torch.where(token_slots >= 0, token_slots, num_slots).long()  # base rows: class S, placed last
+    onehot = key[:, None] == torch.arange(num_slots + 1, device=dev)[None, :]
+    counts = onehot.sum(0)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = onehot.cumsum(0).gather(1, key[:, None]).squeeze(1) - 1
+    rows = torch.empty(t, dtype=torch.int32, device=dev)
+    rows.scatter_(0, starts[key] + rank, torch.arange(t, dtype=torch.int32, device=dev))
+    per = (counts[:num_slots] + block_m - 1) // block_m  # tiles of each slot
+    ends = torch.cumsum(per, 0)
+    i = torch.arange(cap, device=dev)
+    slot = torch.searchsorted(ends, i, right=True)  # == S past the last tile
+    s = slot.clamp(max=num_slots - 1)
+    first = starts[s] + (i - ends[s] + per[s]) * block_m
+    entry = torch.stack([slot, first, torch.minimum(first + block_m, starts[s] + counts[s]), torch.zeros_like(i)], 1)
+    table = torch.where((slot < num_slots)[:, None], entry, -1).to(torch.int32)
+    return LoRATiles(rows, table, cap, block_m)
