@@ -182,9 +182,12 @@ def _target_programs(device: torch.device) -> int:
     return _PROGRAMS_PER_SM * sms
 
 
-def _split_k(programs: int, h_in: int, block_k: int, parts: int, device: torch.device) -> int:
-    """Partial sums over H_in: enough programs for the device, at most the buffer's partials."""
-    return max(1, min(triton.cdiv(h_in, block_k), _target_programs(device) // max(programs, 1), parts))
+def _split_k(programs: int, h_in: int, block_k: int, parts: int, device: torch.device,
+             asked: int | None = None) -> int:
+    """Partial sums over H_in: as asked, else enough programs for the device; never more than the
+    buffer's partials."""
+    want = asked or min(triton.cdiv(h_in, block_k), _target_programs(device) // max(programs, 1))
+    return max(1, min(want, parts))
 
 
 def _shrink_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None) -> torch.Tensor:
@@ -227,7 +230,7 @@ def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, tiles: LoRATiles, buf: to
     block_m, block_n, block_k = tiles.block_m, min(64, _pow2(n)), 64
     b3 = _shrink_buf(x, n, buf)
     grid_mn = (tiles.num_tiles, triton.cdiv(n, block_n))
-    split = split_k or _split_k(grid_mn[0] * grid_mn[1], h_in, block_k, b3.shape[0], x.device)
+    split = _split_k(grid_mn[0] * grid_mn[1], h_in, block_k, b3.shape[0], x.device, split_k)
     if grid_mn[0] > 0:
         _sgmv_shrink_kernel[(*grid_mn, split)](
             x, lora_a, b3, tiles.rows, tiles.table, h_in, n, split,
@@ -280,7 +283,7 @@ def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     block_n, block_k = min(32, _pow2(n)), 256
     b3 = _shrink_buf(x, n, buf)
     grid_tn = (t_num, triton.cdiv(n, block_n))
-    split = split_k or _split_k(grid_tn[0] * grid_tn[1], h_in, block_k, b3.shape[0], x.device)
+    split = _split_k(grid_tn[0] * grid_tn[1], h_in, block_k, b3.shape[0], x.device, split_k)
     if t_num > 0:
         _bgmv_shrink_kernel[(*grid_tn, split)](
             x, lora_a, b3, token_slots, h_in, n, split,
