@@ -254,7 +254,7 @@ def sgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: 
     """
     r, h3 = lora_b.shape[2], _h3(h)
     block_m, block_r = tiles.block_m, _pow2(r)
-    block_n = 128 if block_r <= 32 else 64
+    block_n = 128 if block_r <= 32 and block_m <= 64 else 64  # 128 x 128 float32 tiles spill
     col_blocks = triton.cdiv(max(out_slices), block_n)
     programs = tiles.num_tiles * len(out_slices)
     iters = max(1, min(col_blocks, programs * col_blocks // _target_programs(y.device)))
