@@ -42,7 +42,7 @@ def make_layers(hidden: int, inter: int, q: int, kv: int, num_layers: int) -> li
         mods = []
         for h_in, outs in dims:
             m = LoRALinear(h_in, outs, dtype=torch.bfloat16).cuda()
-            m.weight.normal_(std=h_in**-0.5)
+            m.weight.data.normal_(std=h_in**-0.5)
             a = (torch.randn(SLOTS, len(outs) * RANK, h_in, device="cuda") / h_in**0.5).bfloat16()
             b = (torch.randn(SLOTS, sum(outs), RANK, device="cuda") / RANK**0.5).bfloat16()
             m.set_lora(a, b, torch.full((SLOTS,), 2.0, device="cuda"))
@@ -57,6 +57,7 @@ def run_layers(layers: list[list], inputs: dict[int, torch.Tensor]) -> None:
             m(inputs[m.in_features])
 
 
+@torch.inference_mode()
 def graph_us(layers: list[list], inputs: dict[int, torch.Tensor], variant: str, slots: torch.Tensor,
              reps: int) -> float:
     """Median µs per decoder layer of one replay of all layers under ``variant``."""
@@ -121,9 +122,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/lora_layer.py needs a CUDA GPU")
     rows = []
-    with torch.inference_mode():
-        for model in args.models.split(","):
-            rows += bench_model(model, [int(t) for t in args.tokens.split(",")], args.reps)
+    for model in args.models.split(","):
+        rows += bench_model(model, [int(t) for t in args.tokens.split(",")], args.reps)
     print(f"\n{torch.cuda.get_device_name()}, {datetime.date.today()}: µs per decoder layer (4 LoRA-wrapped "
           f"projections), decode graph; overhead = LoRA's share over base\n")
     print("| model | tokens | adapters | base | " + " | ".join(VARIANTS[1:]) + " |\n|" + " --- |" * (3 + len(VARIANTS)))
