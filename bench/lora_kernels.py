@@ -12,7 +12,8 @@ and written + each distinct adapter's A/B read once, over the copy bandwidth mea
     python bench/lora_kernels.py --tune       # new kernels: every plan (BGMV, SGMV tile rows) per shape
     python bench/lora_kernels.py --sweep --cpu-smoke   # tiny shapes on CPU, Triton in its interpreter
 
-JSON goes to --out (default bench/results/) and to $OUT when set; a table is printed.
+JSON goes to --out (default bench/results/) and to $OUT when set, named after --models when a
+subset runs (lora_kernels_sweep_llama3-8b.json); a table is printed.
 """
 
 from __future__ import annotations
@@ -380,9 +381,10 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = dict(device=device_name, date=str(datetime.date.today()), torch=torch.__version__,
                         copy_bandwidth_bytes_per_s=bandwidth, rank=RANK, slots=SLOTS)
     tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None
+    suffix = "" if args.cpu_smoke or set(shapes) == set(SHAPES) else "_" + "+".join(shapes)
     if args.tune:
         report["rows"] = tune(shapes, tokens or (SMOKE_TOKENS if args.cpu_smoke else TUNE_TOKENS), device, timer)
-        write_json("lora_kernels_tune.json", report, args.out)
+        write_json(f"lora_kernels_tune{suffix}.json", report, args.out)
         return
     if args.sweep:
         distinct = SMOKE_DISTINCT if args.cpu_smoke else SWEEP_DISTINCT
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{device_name}, {report['date']}, torch {torch.__version__}, copy bandwidth "
               f"{bandwidth / 1e12:.2f} TB/s (read + write); µs per decoder layer\n\n{SWEEP_HEADER}")
         print("\n".join(_sweep_line(r) for r in report["rows"]))
-        write_json("lora_kernels_sweep.json", report, args.out)
+        write_json(f"lora_kernels_sweep{suffix}.json", report, args.out)
         return
     counts = ((8, 72), (1, 4)) if args.cpu_smoke else ((64, 256), (1, 8, 32, 64))
     report["rows"] = default_table(shapes, counts[0], counts[1], device, timer, bandwidth)
