@@ -11,12 +11,19 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .lora_plan import LoRATiles
 
-def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor) -> Iterator[tuple[int, int, int]]:
-    starts = seg_starts.tolist()
-    for g, slot in enumerate(seg_slots.tolist()):
-        if slot >= 0 and starts[g + 1] > starts[g]:
-            yield starts[g], starts[g + 1], slot
+
+def _tiles(tiles: LoRATiles) -> Iterator[tuple[torch.Tensor, int]]:
+    """(rows, slot) per run of adjacent tiles of one slot (one matmul per adapter, not per tile)."""
+    rows = tiles.rows.long()
+    run: list[int] = []
+    for slot, first, end, _ in tiles.table[:tiles.num_tiles].tolist() + [[-1, 0, 0, 0]]:
+        if run and (slot != run[0] or first != run[2]):
+            yield rows[run[1]:run[2]], run[0]
+            run = []
+        if slot >= 0:
+            run = [slot, run[1] if run else first, end]
 
 
 def _slot_groups(token_slots: torch.Tensor, num_tokens: int) -> Iterator[tuple[torch.Tensor, int]]:
@@ -34,11 +41,12 @@ def _slices(out_slices: Sequence[int], r: int) -> Iterator[tuple[int, int, int]]
 
 
 def _new_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(buf as given, [T, N] part to fill): of a [P, T, N] buffer, partial 0 takes the sum, the rest 0."""
+    """(h to return, [T, N] part to fill): of a [P, T, N] buffer, partial 0 alone (h = buf[:1]); zeroed."""
     if buf is None:
         buf = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
-    buf.zero_()
-    return buf, (buf if buf.dim() == 2 else buf[0])
+    h = buf if buf.dim() == 2 else buf[:1]
+    h.zero_()
+    return h, (h if h.dim() == 2 else h[0])
 
 
 def _summed(buf: torch.Tensor) -> torch.Tensor:
@@ -50,55 +58,53 @@ def _add_rows(y: torch.Tensor, rows: torch.Tensor | slice, delta: torch.Tensor, 
     y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)
 
 
-def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                max_seg_len: int = 0, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """buf[T, N] = per segment ``x[s:e].float() @ lora_a[slot].float().T`` (0 on base rows).
+def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, tiles: LoRATiles,
+                buf: torch.Tensor | None = None) -> torch.Tensor:
+    """h[rows] = ``x[rows].float() @ lora_a[slot].float().T`` per tile (lora_plan); 0 on base rows.
 
-    x [T, H_in], lora_a [S, N, H_in], seg_starts [num_segs+1], seg_slots [num_segs]; max_seg_len unused.
-    A buf [P, T, N] takes the result as partials (buf.sum(0)).
+    x [T, H_in], lora_a [S, N, H_in] -> h [T, N] float32: buf, or buf[:1] of a [P, T, N] buf (h.sum(0)).
     """
-    buf, out = _new_buf(x, lora_a.shape[1], buf)
-    for s, e, slot in _segments(seg_starts, seg_slots):
-        out[s:e] = x[s:e].float() @ lora_a[slot].float().T
-    return buf
+    h, out = _new_buf(x, lora_a.shape[1], buf)
+    for rows, slot in _tiles(tiles):
+        out[rows] = x[rows].float() @ lora_a[slot].float().T
+    return h
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
                 buf: torch.Tensor | None = None) -> torch.Tensor:
-    """buf[t] = ``lora_a[token_slots[t]].float() @ x[t].float()`` (0 on base rows).
+    """h[t] = ``lora_a[token_slots[t]].float() @ x[t].float()`` (0 on base rows).
 
-    x [T, H_in], lora_a [S, N, H_in], token_slots [>=T] -> buf [T, N] (or [P, T, N] partials) float32.
+    x [T, H_in], lora_a [S, N, H_in], token_slots [>=T] -> h [T, N] float32: buf, or buf[:1] of a [P, T, N] buf.
     """
-    buf, out = _new_buf(x, lora_a.shape[1], buf)
+    h, out = _new_buf(x, lora_a.shape[1], buf)
     for rows, slot in _slot_groups(token_slots, x.shape[0]):
         out[rows] = x[rows].float() @ lora_a[slot].float().T
-    return buf
+    return h
 
 
-def sgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-                out_slices: Sequence[int], seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                max_seg_len: int = 0) -> None:
-    """Per segment and slice: ``y[s:e, off:off+out] += scales[slot] * buf[s:e, i*R:(i+1)*R] @ lora_b[slot, off:off+out].T``.
+def sgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+                out_slices: Sequence[int], tiles: LoRATiles) -> None:
+    """Per tile and slice: ``y[rows, off:off+out] += scales[slot] * h[rows, i*R:(i+1)*R] @ lora_b[slot, off:off+out].T``.
 
-    y [T, O], buf [T, n*R] (or [P, T, n*R] partials) float32, lora_b [S, O, R], scales [S]; max_seg_len unused.
+    y [T, O], h [T, n*R] (or [p, T, n*R] partials) float32, lora_b [S, O, R], scales [S].
     """
-    r, buf = lora_b.shape[2], _summed(buf)
-    for s, e, slot in _segments(seg_starts, seg_slots):
+    r, h = lora_b.shape[2], _summed(h)
+    for rows, slot in _tiles(tiles):
         scale = scales[slot].float()
         for c, off, out in _slices(out_slices, r):
-            delta = scale * (buf[s:e, c:c + r] @ lora_b[slot, off:off + out].float().T)
-            _add_rows(y, slice(s, e), delta, off, out)
+            delta = scale * (h[rows, c:c + r] @ lora_b[slot, off:off + out].float().T)
+            _add_rows(y, rows, delta, off, out)
 
 
-def bgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
                 out_slices: Sequence[int], token_slots: torch.Tensor) -> None:
-    """Per token and slice: ``y[t, off:off+out] += scales[s] * lora_b[s, off:off+out].float() @ buf[t, i*R:(i+1)*R]``.
+    """Per token and slice: ``y[t, off:off+out] += scales[s] * lora_b[s, off:off+out].float() @ h[t, i*R:(i+1)*R]``.
 
-    y [T, O], buf [T, n*R] (or [P, T, n*R] partials) float32, lora_b [S, O, R], scales [S], token_slots [>=T].
+    y [T, O], h [T, n*R] (or [p, T, n*R] partials) float32, lora_b [S, O, R], scales [S], token_slots [>=T].
     """
-    r, buf = lora_b.shape[2], _summed(buf)
+    r, h = lora_b.shape[2], _summed(h)
     for rows, slot in _slot_groups(token_slots, y.shape[0]):
         scale = scales[slot].float()
         for c, off, out in _slices(out_slices, r):
-            delta = scale * (buf[rows, c:c + r] @ lora_b[slot, off:off + out].float().T)
+            delta = scale * (h[rows, c:c + r] @ lora_b[slot, off:off + out].float().T)
             _add_rows(y, rows, delta, off, out)

@@ -1,30 +1,34 @@
-"""Triton SGMV/BGMV LoRA kernels (Punica-style), twins of ``lora_torch``.
+"""Triton LoRA kernels (Punica-style tiled SGMV and BGMV), twins of ``lora_torch``.
 
 Shapes: T tokens, S slots, R max rank, n slices, N = n*R, H_in input size,
-O = sum(out_slices). Slot ids < 0 mark base-model rows.
+O = sum(out_slices). Slot ids < 0 mark base-model rows; they get no work.
 
-Shrink writes float32 ``buf[T, N]`` (rows of base tokens are set to 0); when
-it splits H_in over programs it zeroes ``buf`` first and accumulates with
-atomics. Given a ``buf[P, T, N]`` instead, it writes P partial sums over H_in
-(plain stores, no zeroing); expand sums the partials as it loads them. Expand
-adds ``scale * buf_i @ B_i.T`` into each output slice of ``y`` in one launch
-(up to ``MAX_SLICES`` slices). Wrappers do no host syncs and allocate only when no
-``buf`` is given, so they can be captured in CUDA graphs; an SGMV launch sized
-for ``max_seg_len`` stays valid as long as no segment grows beyond it.
+SGMV works on the tile table of ``lora_plan``: program (tile, column block, k split) of the
+shrink, (tile, slice, column chunk) of the expand; a tile's rows are gathered through
+``tiles.rows``. BGMV has one program row per token. Shrink splits H_in into ``p`` partial sums
+written with plain stores to ``buf[:p]`` of a ``[P, T, N]`` float32 buffer (no zeroing, no
+atomics) and returns that view; expand sums the partials as it loads them and adds
+``scale * h_i @ B_i.T`` into each output slice of ``y`` in one launch (up to ``MAX_SLICES``).
+
+No kernel takes a batch-dependent integer that Triton would specialise on (ints equal to 1 or
+divisible by 16 compile separate variants): those are ``do_not_specialize``, and the tile count is
+only a grid size. Wrappers do no host syncs and allocate only when no ``buf`` is given, so they
+can be captured in CUDA graphs.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .lora_plan import LoRATiles
+
 MAX_SLICES = 3
-_TARGET_PROGRAMS = 1024  # split K until a shrink launch has about this many programs
-_MAX_SPLIT_K = 32  # bounds the atomics per buffer element
-STORE, ATOMIC, PARTIAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # how shrink writes buf
+_PROGRAMS_PER_SM = 8  # split K / chunk columns until a launch has about this many programs per SM (v1: 1024 on H100)
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -36,113 +40,101 @@ def _slice_bounds(sl, OUT0, OUT1, OUT2):
 
 
 @triton.jit
-def _segment_rows(seg_starts_ptr, seg_slots_ptr, pid, M_BLOCKS, BLOCK_M: tl.constexpr):
-    seg = pid // M_BLOCKS
-    start = tl.load(seg_starts_ptr + seg)
-    end = tl.load(seg_starts_ptr + seg + 1)
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    row0 = start + (pid % M_BLOCKS) * BLOCK_M
-    return row0 + tl.arange(0, BLOCK_M), row0, end, slot
+def _tile_rows(rows_ptr, tiles_ptr, BLOCK_M: tl.constexpr):
+    """(slot, token rows [BLOCK_M] int64, row mask) of this program's tile."""
+    entry = tiles_ptr + tl.program_id(0) * 4
+    slot = tl.load(entry).to(tl.int64)
+    idx = tl.load(entry + 1) + tl.arange(0, BLOCK_M)
+    ok = idx < tl.load(entry + 2)  # unused entries: first = end = -1
+    rows = tl.load(rows_ptr + idx, mask=ok, other=0).to(tl.int64)
+    return slot, rows, ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT", "sb_p"])
 def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, buf_ptr, seg_starts_ptr, seg_slots_ptr,
-    H, N, M_BLOCKS, SPLIT_K,
+    x_ptr, a_ptr, buf_ptr, rows_ptr, tiles_ptr,
+    H, N, SPLIT,
     sx_t, sx_h, sa_s, sa_n, sa_h, sb_p, sb_t, sb_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr, HALF_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_DOT: tl.constexpr,
 ):
-    rows, row0, end, slot = _segment_rows(seg_starts_ptr, seg_slots_ptr, tl.program_id(0), M_BLOCKS, BLOCK_M)
-    if row0 >= end:
+    slot, rows, row_ok = _tile_rows(rows_ptr, tiles_ptr, BLOCK_M)
+    if slot < 0:
         return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_mask = (rows[:, None] < end) & (cols[None, :] < N)
-    out_ptrs = buf_ptr + tl.program_id(2) * sb_p + rows[:, None] * sb_t + cols[None, :] * sb_n
-    if slot < 0:
-        if MODE != ATOMIC:
-            tl.store(out_ptrs, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), mask=out_mask)
-        return
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    x_rows = x_ptr + rows[:, None] * sx_t
     a_base = a_ptr + slot * sa_s + cols[None, :] * sa_n
-    for k0 in range(tl.program_id(2) * BLOCK_K, H, SPLIT_K * BLOCK_K):
+    for k0 in range(tl.program_id(2) * BLOCK_K, H, SPLIT * BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + rows[:, None] * sx_t + ks[None, :] * sx_h,
-                     mask=(rows[:, None] < end) & (ks[None, :] < H), other=0.0)
+        xt = tl.load(x_rows + ks[None, :] * sx_h, mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
         at = tl.load(a_base + ks[:, None] * sa_h, mask=(ks[:, None] < H) & (cols[None, :] < N), other=0.0)
         if HALF_DOT:
             acc = tl.dot(xt, at, acc)
         else:
             acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
-    if MODE == ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc, mask=out_mask)
+    out_ptrs = buf_ptr + tl.program_id(2) * sb_p + rows[:, None] * sb_t + cols[None, :] * sb_n
+    tl.store(out_ptrs, acc, mask=row_ok[:, None] & (cols[None, :] < N))
 
 
-@triton.jit
-def _bgmv_shrink_kernel(
-    x_ptr, a_ptr, buf_ptr, slots_ptr,
-    H, N, SPLIT_K,
-    sx_t, sx_h, sa_s, sa_n, sa_h, sb_p, sb_t, sb_n,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODE: tl.constexpr,
-):
-    t = tl.program_id(0)
-    slot = tl.load(slots_ptr + t).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_ptrs = buf_ptr + tl.program_id(2) * sb_p + t * sb_t + cols * sb_n
-    if slot < 0:
-        if MODE != ATOMIC:
-            tl.store(out_ptrs, tl.zeros((BLOCK_N,), tl.float32), mask=cols < N)
-        return
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    a_base = a_ptr + slot * sa_s + cols[:, None] * sa_n
-    for k0 in range(tl.program_id(2) * BLOCK_K, H, SPLIT_K * BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + t * sx_t + ks * sx_h, mask=ks < H, other=0.0).to(tl.float32)
-        at = tl.load(a_base + ks[None, :] * sa_h, mask=(cols[:, None] < N) & (ks[None, :] < H), other=0.0)
-        acc += tl.sum(at.to(tl.float32) * xv[None, :], axis=1)
-    if MODE == ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=cols < N)
-    else:
-        tl.store(out_ptrs, acc, mask=cols < N)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["P", "COL_ITERS", "sb_p"])
 def _sgmv_expand_kernel(
-    y_ptr, buf_ptr, b_ptr, scales_ptr, seg_starts_ptr, seg_slots_ptr,
-    R, P, M_BLOCKS, OUT0, OUT1, OUT2,
+    y_ptr, buf_ptr, b_ptr, scales_ptr, rows_ptr, tiles_ptr,
+    R, P, COL_ITERS, OUT0, OUT1, OUT2,
     sy_t, sy_o, sb_p, sb_t, sb_n, sw_s, sw_o, sw_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TF32: tl.constexpr,
 ):
-    rows, row0, end, slot = _segment_rows(seg_starts_ptr, seg_slots_ptr, tl.program_id(0), M_BLOCKS, BLOCK_M)
     sl = tl.program_id(1)
     off, size = _slice_bounds(sl, OUT0, OUT1, OUT2)
-    n0 = tl.program_id(2) * BLOCK_N
-    if (slot < 0) | (row0 >= end) | (n0 >= size):
+    n_begin = tl.program_id(2) * COL_ITERS * BLOCK_N
+    slot, rows, row_ok = _tile_rows(rows_ptr, tiles_ptr, BLOCK_M)
+    if (slot < 0) | (n_begin >= size):
         return
-    cols = n0 + tl.arange(0, BLOCK_N)
     rs = tl.arange(0, BLOCK_R)
-    row_ok = rows < end
     h_ptrs = buf_ptr + rows[:, None] * sb_t + (sl * R + rs[None, :]) * sb_n
     h_mask = row_ok[:, None] & (rs[None, :] < R)
     h = tl.load(h_ptrs, mask=h_mask, other=0.0)
     for p in range(1, P):
         h += tl.load(h_ptrs + p * sb_p, mask=h_mask, other=0.0)
-    w = tl.load(b_ptr + slot * sw_s + (off + cols[None, :]) * sw_o + rs[:, None] * sw_r,
-                mask=(rs[:, None] < R) & (cols[None, :] < size), other=0.0)
-    if TF32:  # exact for 16-bit B; rounds buf to 10 mantissa bits
-        d = tl.dot(h, w.to(tl.float32), input_precision="tf32")
-    else:
-        d = tl.dot(h, w.to(tl.float32), input_precision="ieee")
-    y_ptrs = y_ptr + rows[:, None] * sy_t + (off + cols[None, :]) * sy_o
-    y_mask = row_ok[:, None] & (cols[None, :] < size)
-    yv = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    out = yv.to(tl.float32) + d * tl.load(scales_ptr + slot)
-    tl.store(y_ptrs, out.to(yv.dtype), mask=y_mask)
+    h = h * tl.load(scales_ptr + slot)
+    w_base = b_ptr + slot * sw_s + rs[:, None] * sw_r
+    y_rows = y_ptr + rows[:, None] * sy_t
+    for it in range(COL_ITERS):
+        cols = n_begin + it * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < size
+        w = tl.load(w_base + (off + cols[None, :]) * sw_o, mask=(rs[:, None] < R) & col_ok[None, :], other=0.0)
+        if TF32:  # exact for 16-bit B; rounds h to 10 mantissa bits
+            d = tl.dot(h, w.to(tl.float32), input_precision="tf32")
+        else:
+            d = tl.dot(h, w.to(tl.float32), input_precision="ieee")
+        y_ptrs = y_rows + (off + cols[None, :]) * sy_o
+        y_mask = row_ok[:, None] & col_ok[None, :]
+        yv = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (yv.to(tl.float32) + d).to(yv.dtype), mask=y_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT", "sb_p"])
+def _bgmv_shrink_kernel(
+    x_ptr, a_ptr, buf_ptr, slots_ptr,
+    H, N, SPLIT,
+    sx_t, sx_h, sa_s, sa_n, sa_h, sb_p, sb_t, sb_n,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    a_base = a_ptr + slot * sa_s + cols[:, None] * sa_n
+    for k0 in range(tl.program_id(2) * BLOCK_K, H, SPLIT * BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + t * sx_t + ks * sx_h, mask=ks < H, other=0.0).to(tl.float32)
+        at = tl.load(a_base + ks[None, :] * sa_h, mask=(cols[:, None] < N) & (ks[None, :] < H), other=0.0)
+        acc += tl.sum(at.to(tl.float32) * xv[None, :], axis=1)
+    tl.store(buf_ptr + tl.program_id(2) * sb_p + t * sb_t + cols * sb_n, acc, mask=cols < N)
+
+
+@triton.jit(do_not_specialize=["P", "sb_p"])
 def _bgmv_expand_kernel(
     y_ptr, buf_ptr, b_ptr, scales_ptr, slots_ptr,
     R, P, OUT0, OUT1, OUT2,
@@ -171,6 +163,7 @@ def _bgmv_expand_kernel(
 
 
 _INTERPRETED = type(_sgmv_shrink_kernel).__name__ == "InterpretedFunction"
+KERNELS = (_sgmv_shrink_kernel, _sgmv_expand_kernel, _bgmv_shrink_kernel, _bgmv_expand_kernel)
 
 
 def _half_dot(*dtypes: torch.dtype) -> bool:
@@ -183,32 +176,34 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _split_k(programs: int, h_in: int, block_k: int) -> int:
-    return max(1, min(triton.cdiv(h_in, block_k), _TARGET_PROGRAMS // max(programs, 1), _MAX_SPLIT_K))
+@functools.lru_cache(maxsize=16)
+def _target_programs(device: torch.device) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return _PROGRAMS_PER_SM * sms
 
 
-def _block_m(max_seg_len: int) -> int:
-    return min(64, _pow2(max_seg_len))
+def _split_k(programs: int, h_in: int, block_k: int, parts: int, device: torch.device,
+             asked: int | None = None) -> int:
+    """Partial sums over H_in: as asked, else enough programs for the device; never more than the
+    buffer's partials."""
+    want = asked or min(triton.cdiv(h_in, block_k), _target_programs(device) // max(programs, 1))
+    return max(1, min(want, parts))
 
 
-def _shrink_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None, split_k: int) -> tuple[torch.Tensor, int, int]:
-    """(buf, split_k, mode): a [P, T, N] buf takes P partial sums; a [T, N] one is zeroed for atomics."""
-    if buf is not None and buf.dim() == 3:
-        return buf, buf.shape[0], PARTIAL.value if buf.shape[0] > 1 else STORE.value
+def _shrink_buf(x: torch.Tensor, n: int, buf: torch.Tensor | None) -> torch.Tensor:
+    """[P, T, N] float32 (a [T, N] buf is seen as P = 1)."""
     if buf is None:
-        buf = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
-    if split_k > 1:
-        buf.zero_()
-    return buf, split_k, ATOMIC.value if split_k > 1 else STORE.value
+        return torch.empty((1, x.shape[0], n), dtype=torch.float32, device=x.device)
+    return buf if buf.dim() == 3 else buf.unsqueeze(0)
 
 
-def _buf_strides(buf: torch.Tensor) -> tuple[int, int, int]:
-    """(partial, token, column) strides of a [T, N] or [P, T, N] buffer."""
-    return (0, *buf.stride()) if buf.dim() == 2 else tuple(buf.stride())  # type: ignore[return-value]
+def _h_view(buf: torch.Tensor, given: torch.Tensor | None, split: int) -> torch.Tensor:
+    """What shrink returns: the partials it wrote, or the caller's [T, N] buffer itself."""
+    return given if given is not None and given.dim() == 2 else buf[:split]
 
 
-def _parts(buf: torch.Tensor) -> int:
-    return 1 if buf.dim() == 2 else buf.shape[0]
+def _h3(h: torch.Tensor) -> torch.Tensor:
+    return h if h.dim() == 3 else h.unsqueeze(0)
 
 
 def _outs(out_slices: Sequence[int]) -> tuple[int, int, int]:
@@ -217,101 +212,116 @@ def _outs(out_slices: Sequence[int]) -> tuple[int, int, int]:
     return o[0], o[1], o[2]
 
 
-def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                max_seg_len: int, buf: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """SGMV shrink: ``buf[T, N] (float32)`` from ``x[T, H_in]`` and ``lora_a[S, N, H_in]``.
+def _warps(*block: int) -> int:
+    return 8 if block[0] * block[1] >= 8192 else 4
 
-    for g in range(num_segs):                    # seg_starts [num_segs+1], seg_slots [num_segs]
-        s, e, slot = seg_starts[g], seg_starts[g+1], seg_slots[g]
-        buf[s:e] = x[s:e].float() @ lora_a[slot].float().T if slot >= 0 else 0
-    max_seg_len >= every e - s (sizes the launch); split_k overrides the split-K heuristic.
-    A buf [P, T, N] receives P partial sums over H_in instead (buf.sum(0) is the result).
+
+def sgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, tiles: LoRATiles, buf: torch.Tensor | None = None,
+                split_k: int | None = None) -> torch.Tensor:
+    """Tiled SGMV shrink: h float32 from ``x[T, H_in]`` and ``lora_a[S, N, H_in]``.
+
+    for slot, first, end, _ in tiles.table:       # lora_plan: rows of one slot per tile
+        rows = tiles.rows[first:end]
+        h.sum(0)[rows] = x[rows].float() @ lora_a[slot].float().T
+    buf [P, T, N] (or [T, N]: no split): h = buf[:p], p <= P partial sums over H_in (split_k overrides
+    the choice); rows of base tokens are not written.
     """
     h_in, n = x.shape[1], lora_a.shape[1]
-    block_m, block_n, block_k = _block_m(max_seg_len), min(64, _pow2(n)), 64
-    m_blocks = triton.cdiv(max(max_seg_len, 1), block_m)
-    grid_mn = (seg_slots.shape[0] * m_blocks, triton.cdiv(n, block_n))
-    buf, split_k, mode = _shrink_buf(x, n, buf, split_k or _split_k(grid_mn[0] * grid_mn[1], h_in, block_k))
-    if grid_mn[0] == 0:
-        return buf
-    _sgmv_shrink_kernel[(*grid_mn, split_k)](
-        x, lora_a, buf, seg_starts, seg_slots, h_in, n, m_blocks, split_k,
-        x.stride(0), x.stride(1), *lora_a.stride(), *_buf_strides(buf),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode, HALF_DOT=_half_dot(x.dtype, lora_a.dtype),
+    block_m, block_n, block_k = tiles.block_m, min(64, _pow2(n)), 64
+    b3 = _shrink_buf(x, n, buf)
+    grid_mn = (tiles.num_tiles, triton.cdiv(n, block_n))
+    split = _split_k(grid_mn[0] * grid_mn[1], h_in, block_k, b3.shape[0], x.device, split_k)
+    if grid_mn[0] > 0:
+        _sgmv_shrink_kernel[(*grid_mn, split)](
+            x, lora_a, b3, tiles.rows, tiles.table, h_in, n, split,
+            x.stride(0), x.stride(1), *lora_a.stride(), *b3.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HALF_DOT=_half_dot(x.dtype, lora_a.dtype),
+            num_warps=_warps(block_m, block_n),
+        )
+    return _h_view(b3, buf, split)
+
+
+def sgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+                out_slices: Sequence[int], tiles: LoRATiles) -> None:
+    """Tiled SGMV expand, all slices in one launch; ``y[T, O]`` in place.
+
+    h [T, n*R] or [p, T, n*R] (partials, summed) float32, lora_b [S, O, R], scales [S] float32,
+    out_slices: n sizes summing to O.
+    for slot, first, end, _ in tiles.table:
+        rows = tiles.rows[first:end]
+        for i, (off, out) in enumerate(slices):  # off = sum(out_slices[:i])
+            y[rows, off:off+out] += scales[slot] * h.sum(0)[rows, i*R:(i+1)*R] @ lora_b[slot, off:off+out].float().T
+    """
+    r, h3 = lora_b.shape[2], _h3(h)
+    block_m, block_r = tiles.block_m, _pow2(r)
+    block_n = 128 if block_r <= 32 and block_m <= 64 else 64  # 128 x 128 float32 tiles spill
+    col_blocks = triton.cdiv(max(out_slices), block_n)
+    programs = tiles.num_tiles * len(out_slices)
+    iters = max(1, min(col_blocks, programs * col_blocks // _target_programs(y.device)))
+    grid = (tiles.num_tiles, len(out_slices), triton.cdiv(col_blocks, iters))
+    if grid[0] == 0:
+        return
+    _sgmv_expand_kernel[grid](
+        y, h3, lora_b, scales, tiles.rows, tiles.table, r, h3.shape[0], iters, *_outs(out_slices),
+        *y.stride(), *h3.stride(), *lora_b.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, TF32=lora_b.dtype in _HALF,
+        num_warps=_warps(block_m, block_n),
     )
-    return buf
 
 
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
                 buf: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
-    """BGMV shrink: ``buf[T, N] (float32)`` from ``x[T, H_in]``, ``lora_a[S, N, H_in]``, ``token_slots[>=T]``.
+    """BGMV shrink: h float32 from ``x[T, H_in]``, ``lora_a[S, N, H_in]``, ``token_slots[>=T]``.
 
     for t in range(T):
         s = token_slots[t]
-        buf[t] = lora_a[s].float() @ x[t].float() if s >= 0 else 0
-    split_k overrides the split-K heuristic; a buf [P, T, N] receives P partial sums over H_in.
+        if s >= 0:
+            h.sum(0)[t] = lora_a[s].float() @ x[t].float()
+    buf and the returned h as for sgmv_shrink.
     """
     t_num, h_in, n = x.shape[0], x.shape[1], lora_a.shape[1]
     block_n, block_k = min(32, _pow2(n)), 256
+    b3 = _shrink_buf(x, n, buf)
     grid_tn = (t_num, triton.cdiv(n, block_n))
-    buf, split_k, mode = _shrink_buf(x, n, buf, split_k or _split_k(grid_tn[0] * grid_tn[1], h_in, block_k))
-    if t_num == 0:
-        return buf
-    _bgmv_shrink_kernel[(*grid_tn, split_k)](
-        x, lora_a, buf, token_slots, h_in, n, split_k,
-        x.stride(0), x.stride(1), *lora_a.stride(), *_buf_strides(buf),
-        BLOCK_N=block_n, BLOCK_K=block_k, MODE=mode,
-    )
-    return buf
+    split = _split_k(grid_tn[0] * grid_tn[1], h_in, block_k, b3.shape[0], x.device, split_k)
+    if t_num > 0:
+        _bgmv_shrink_kernel[(*grid_tn, split)](
+            x, lora_a, b3, token_slots, h_in, n, split,
+            x.stride(0), x.stride(1), *lora_a.stride(), *b3.stride(),
+            BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+    return _h_view(b3, buf, split)
 
 
-def sgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
-                out_slices: Sequence[int], seg_starts: torch.Tensor, seg_slots: torch.Tensor,
-                max_seg_len: int) -> None:
-    """SGMV expand, all slices in one launch; ``y[T, O]`` in place.
-
-    buf [T, n*R] (or [P, T, n*R] partials, summed) float32, lora_b [S, O, R], scales [S] float32,
-    out_slices: n sizes summing to O.
-    for g in range(num_segs):
-        s, e, slot = seg_starts[g], seg_starts[g+1], seg_slots[g]
-        for i, (off, out) in enumerate(slices):  # off = sum(out_slices[:i])
-            if slot >= 0:
-                y[s:e, off:off+out] += scales[slot] * buf[s:e, i*R:(i+1)*R] @ lora_b[slot, off:off+out].float().T
-    """
-    r = lora_b.shape[2]
-    block_m, block_r = _block_m(max_seg_len), _pow2(r)
-    block_n = 128 if block_r <= 32 else 64
-    m_blocks = triton.cdiv(max(max_seg_len, 1), block_m)
-    grid = (seg_slots.shape[0] * m_blocks, len(out_slices), triton.cdiv(max(out_slices), block_n))
-    if grid[0] == 0:
-        return
-    _sgmv_expand_kernel[grid](
-        y, buf, lora_b, scales, seg_starts, seg_slots, r, _parts(buf), m_blocks, *_outs(out_slices),
-        *y.stride(), *_buf_strides(buf), *lora_b.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, TF32=lora_b.dtype in _HALF,
-    )
-
-
-def bgmv_expand(y: torch.Tensor, buf: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
                 out_slices: Sequence[int], token_slots: torch.Tensor) -> None:
     """BGMV expand, all slices in one launch; ``y[T, O]`` in place.
 
-    buf [T, n*R] (or [P, T, n*R] partials, summed) float32, lora_b [S, O, R], scales [S] float32,
+    h [T, n*R] or [p, T, n*R] (partials, summed) float32, lora_b [S, O, R], scales [S] float32,
     token_slots [>=T].
     for t in range(T):
         s = token_slots[t]
         for i, (off, out) in enumerate(slices):  # off = sum(out_slices[:i])
             if s >= 0:
-                y[t, off:off+out] += scales[s] * lora_b[s, off:off+out].float() @ buf[t, i*R:(i+1)*R]
+                y[t, off:off+out] += scales[s] * lora_b[s, off:off+out].float() @ h.sum(0)[t, i*R:(i+1)*R]
     """
-    r = lora_b.shape[2]
+    r, h3 = lora_b.shape[2], _h3(h)
     block_r = _pow2(r, lo=4)
     block_n = max(16, min(256, 4096 // block_r))
     grid = (y.shape[0], len(out_slices), triton.cdiv(max(out_slices), block_n))
     if grid[0] == 0:
         return
     _bgmv_expand_kernel[grid](
-        y, buf, lora_b, scales, token_slots, r, _parts(buf), *_outs(out_slices),
-        *y.stride(), *_buf_strides(buf), *lora_b.stride(),
+        y, h3, lora_b, scales, token_slots, r, h3.shape[0], *_outs(out_slices),
+        *y.stride(), *h3.stride(), *lora_b.stride(),
         BLOCK_N=block_n, BLOCK_R=block_r,
     )
+
+
+def compiled_variants() -> int:
+    """Kernel binaries compiled so far in this process, over the four kernels (0 in the interpreter)."""
+    total = 0
+    for k in KERNELS:
+        for cache in getattr(k, "device_caches", {}).values():
+            total += len(cache[0])
+    return total

@@ -10,15 +10,27 @@ from the forward context, so the model files never see adapters.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from loraplex.backend.layers.context import get_context
 from loraplex.kernels.gemv import skinny_linear
-from loraplex.kernels.lora import add_lora
+from loraplex.kernels.lora import LoRABatchMeta, add_lora, expand, lora_buffer, route, shrink, warmup
 
 
 class LoRALinear(nn.Module):
+    # Compile every LoRA kernel variant of a layer shape when its buffers attach (CUDA only), so no
+    # batch compiles one while serving; tests that build many engines may turn it off.
+    warm_kernels: ClassVar[bool] = True
+    # While a CUDA graph is captured (decode), run the LoRA shrink on a side stream beside the base
+    # GEMM (x is all it needs) and join before the expand: the graph gets two branches, and the
+    # shrink's latency hides behind the GEMM. Off until bench/lora_layer.py shows it pays on the GPU.
+    overlap_shrink: ClassVar[bool] = False
+    _warmed: ClassVar[set[tuple]] = set()
+    _side_streams: ClassVar[dict[torch.device, torch.cuda.Stream]] = {}
+
     def __init__(self, in_features: int, out_slices: tuple[int, ...], bias: bool = False,
                  dtype: torch.dtype | None = None):
         super().__init__()
@@ -33,11 +45,38 @@ class LoRALinear(nn.Module):
 
     def set_lora(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor) -> None:
         self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, scales
+        if not lora_a.is_cuda:
+            return
+        if lora_a.device not in self._side_streams:  # made here: not while a graph is being captured
+            LoRALinear._side_streams[lora_a.device] = torch.cuda.Stream(lora_a.device)
+        key = (tuple(lora_a.shape), tuple(lora_b.shape), self.out_slices, lora_a.dtype, str(lora_a.device))
+        if self.warm_kernels and key not in self._warmed:
+            LoRALinear._warmed.add(key)
+            with torch.inference_mode():
+                warmup(lora_a, lora_b, scales, self.out_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = skinny_linear(x, self.weight, self.bias)  # F.linear, or the skinny-GEMM kernel where it is faster
         meta = get_context().lora
-        if meta is not None and self.lora_a is not None and not meta.no_lora:
-            assert self.lora_b is not None and self.lora_scales is not None
-            add_lora(y, x, self.lora_a, self.lora_b, self.lora_scales, self.out_slices, meta)
+        if meta is None or self.lora_a is None or meta.no_lora:
+            return skinny_linear(x, self.weight, self.bias)  # F.linear, or the skinny GEMM where faster
+        assert self.lora_b is not None and self.lora_scales is not None
+        if self.overlap_shrink and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._overlapped(x, meta)
+        y = skinny_linear(x, self.weight, self.bias)
+        add_lora(y, x, self.lora_a, self.lora_b, self.lora_scales, self.out_slices, meta)
+        return y
+
+    def _overlapped(self, x: torch.Tensor, meta: LoRABatchMeta) -> torch.Tensor:
+        """Fork: shrink on the side stream, base GEMM here; join; expand. Every allocation and the SGMV
+        tile table are made on this stream, before the fork."""
+        assert self.lora_a is not None and self.lora_b is not None and self.lora_scales is not None
+        tiles = route(meta, self.lora_a, self.lora_b.shape[2])
+        buf = lora_buffer(x.shape[0], self.lora_a)
+        main, side = torch.cuda.current_stream(), self._side_streams[x.device]
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            h = shrink(x, self.lora_a, meta, tiles, buf)
+        y = skinny_linear(x, self.weight, self.bias)
+        main.wait_stream(side)
+        expand(y, h, self.lora_b, self.lora_scales, self.out_slices, meta, tiles)
         return y

@@ -2,8 +2,10 @@
 
 On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1,
 set before triton is imported); with CUDA they run natively at the same small shapes.
-Two sweeps, as in Punica: how tokens spread over adapters (x dtype), then batch sizes and ranks.
-The GPU file imports the case builders from here.
+Two sweeps, as in Punica: how tokens spread over adapters (x dtype), then batch sizes and ranks;
+then what tiles SGMV: one long single-adapter segment, ragged segments, base rows mixed in, tile
+sizes, the plan, and tile tables built on the host and on the device. The GPU file imports the
+case builders from here.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from loraplex.kernels import lora, lora_torch  # noqa: E402
-from loraplex.kernels.lora import LoRABatchMeta, add_lora  # noqa: E402
+from loraplex.kernels import lora, lora_plan, lora_torch  # noqa: E402
+from loraplex.kernels.lora import LoRABatchMeta, LoRAPlan, add_lora  # noqa: E402
 
 lora_triton = pytest.importorskip("loraplex.kernels.lora_triton")
 
@@ -32,6 +34,7 @@ TOLS = {  # (atol, rtol)
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 BUF_TOL = (1e-3, 1e-3)  # shrink accumulates exact products in float32 for every dtype
+BLOCK_MS = list(lora_plan.BLOCK_MS)
 DISTRIBUTIONS = ["distinct", "uniform", "zipf", "identical", "with_base"]
 GUARD = 8  # NaN columns right of y: a write past the last slice shows up
 
@@ -122,32 +125,40 @@ def naive_add_lora(case: Case) -> torch.Tensor:
     return y
 
 
-def run_ops(case: Case, kind: str, ops, partials: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink into a NaN-poisoned buffer ([T, N], or [P, T, N] partials), then expand the reference
-    buffer into a copy of y."""
+def shrink(case: Case, kind: str, ops, buf: torch.Tensor | None, block_m: int = 16,
+           split_k: int | None = None) -> torch.Tensor:
+    m, extra = case.meta, {} if split_k is None else {"split_k": split_k}
+    if kind == "sgmv":
+        return ops.sgmv_shrink(case.x, case.lora_a, m.tiles(block_m, case.lora_a.shape[0]), buf=buf, **extra)
+    return ops.bgmv_shrink(case.x, case.lora_a, m.token_slots, buf=buf, **extra)
+
+
+def expand(case: Case, kind: str, ops, y: torch.Tensor, h: torch.Tensor, block_m: int = 16) -> None:
     m = case.meta
+    if kind == "sgmv":
+        ops.sgmv_expand(y, h, case.lora_b, case.scales, case.out_slices, m.tiles(block_m, case.lora_b.shape[0]))
+    else:
+        ops.bgmv_expand(y, h, case.lora_b, case.scales, case.out_slices, m.token_slots)
+
+
+def run_ops(case: Case, kind: str, ops, partials: int = 0, block_m: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink into a NaN-poisoned buffer ([T, N], or [P, T, N] partials), then expand the reference
+    h into a copy of y. Returns (h as shrink returned it, y)."""
     buf = lora.lora_buffer(case.x.shape[0], case.lora_a, partials).fill_(float("nan"))
-    if kind == "sgmv":
-        buf = ops.sgmv_shrink(case.x, case.lora_a, m.seg_starts, m.seg_slots, max_seg_len=m.max_seg_len, buf=buf)
-    else:
-        buf = ops.bgmv_shrink(case.x, case.lora_a, m.token_slots, buf=buf)
-    ref_buf = lora_torch.bgmv_shrink(case.x, case.lora_a, m.token_slots)
+    h = shrink(case, kind, ops, buf, block_m)
     y = case.fresh_y()
-    if kind == "sgmv":
-        ops.sgmv_expand(y, ref_buf, case.lora_b, case.scales, case.out_slices, m.seg_starts, m.seg_slots,
-                        max_seg_len=m.max_seg_len)
-    else:
-        ops.bgmv_expand(y, ref_buf, case.lora_b, case.scales, case.out_slices, m.token_slots)
-    return buf, y
+    expand(case, kind, ops, y, lora_torch.bgmv_shrink(case.x, case.lora_a, case.meta.token_slots), block_m)
+    return h, y
 
 
-def check_against_reference(case: Case, kind: str, buf: torch.Tensor, y: torch.Tensor) -> None:
-    ref_buf, ref_y = run_ops(case, kind, lora_torch)
+def check_against_reference(case: Case, kind: str, h: torch.Tensor, y: torch.Tensor) -> None:
+    """h: what the kernel's shrink returned from a NaN-poisoned buffer; y: its expand of the reference h."""
+    ref_h, ref_y = run_ops(case, kind, lora_torch)
     base = case.meta.token_slots[:case.x.shape[0]] < 0
-    assert torch.isfinite(buf).all(), "shrink left rows of the buffer unwritten"
-    summed = buf.sum(0) if buf.dim() == 3 else buf
-    assert (summed[base] == 0).all(), "shrink must zero the rows of base tokens"
-    assert_close(summed, ref_buf, BUF_TOL)
+    summed = h.sum(0) if h.dim() == 3 else h
+    assert torch.isfinite(summed[~base]).all(), "shrink left rows of LoRA tokens unwritten"
+    assert torch.isnan(summed[base]).all(), "base rows are no work: their (NaN-poisoned) rows stay unwritten"
+    assert_close(summed[~base], ref_h[~base], BUF_TOL)
     assert torch.isfinite(y).all()
     assert_close(y.float(), ref_y.float(), TOLS[y.dtype])
     assert torch.equal(y[base], case.y[base]), "base rows must stay untouched"
@@ -161,25 +172,91 @@ def _kernels_can_run():
         pytest.fail("loraplex.kernels.lora_triton was imported before TRITON_INTERPRET=1 was set")
 
 
-def test_meta_build_merges_runs_into_segments():
+# ---- batch metadata, tiles and the plan
+
+def test_meta_build_counts_segments_slots_and_lora_rows():
     m = LoRABatchMeta.build([3, 3, -1, -1, 2, 3, 3, 3], "cpu")
-    assert m.seg_starts.tolist() == [0, 2, 4, 5, 8]
-    assert m.seg_slots.tolist() == [3, -1, 2, 3]
-    assert m.token_slots.dtype == m.seg_starts.dtype == m.seg_slots.dtype == torch.int32
-    assert (m.num_tokens, m.num_segs, m.max_seg_len, m.no_lora) == (8, 4, 3, False)
+    assert m.seg_starts is not None and m.seg_slots is not None
+    assert m.seg_starts.tolist() == [0, 2, 4, 5, 8] and m.seg_slots.tolist() == [3, -1, 2, 3]
+    assert m.token_slots.tolist() == [3, 3, -1, -1, 2, 3, 3, 3] and m.token_slots.dtype == torch.int32
+    assert (m.num_tokens, m.num_segs, m.max_seg_len, m.no_lora, m.num_slots, m.lora_tokens) == (8, 4, 3, False, 2, 6)
     assert LoRABatchMeta.build([-1, -1], "cpu").no_lora
-    assert lora.lora_buffer(8, torch.empty(2, 48, 16)).shape == (lora.PARTIALS, 8, 48)
-    assert lora.lora_buffer(lora.PARTIALS_MAX_TOKENS + 1, torch.empty(2, 48, 16)).dim() == 2
     empty = LoRABatchMeta.build([], "cpu")
-    assert (empty.num_tokens, empty.num_segs, empty.no_lora, empty.seg_starts.tolist()) == (0, 0, True, [0])
+    assert (empty.num_tokens, empty.num_segs, empty.no_lora, empty.num_slots) == (0, 0, True, 0)
 
 
-def test_dispatch_picks_bgmv_for_short_segments():
+def test_lora_buffer_partials_shrink_as_tokens_grow():
+    a = torch.empty(2, 48, 16)
+    assert lora.lora_buffer(8, a).shape == (lora.PARTIALS, 8, 48)
+    assert lora.lora_buffer(lora.PARTIALS_MAX_TOKENS, a).shape[0] == lora.PARTIALS
+    assert lora.lora_buffer(2 * lora.PARTIALS_MAX_TOKENS, a).shape[0] == lora.PARTIALS // 2
+    assert lora.lora_buffer(64 * lora.PARTIALS_MAX_TOKENS, a).shape[0] == 1
+    assert lora.lora_buffer(8, a, partials=0).shape == (8, 48)
+
+
+def test_plan_follows_rows_per_adapter_and_rank():
+    assert lora.plan(32, 32) == LoRAPlan("bgmv", 16)  # decode, one adapter per request
+    assert lora.plan(32, None).kind == "bgmv"  # unknown spread (a captured graph): as if distinct
+    assert lora.plan(32, 1) == LoRAPlan("sgmv", 32)  # decode, one adapter for all
+    assert lora.plan(4096, 1) == LoRAPlan("sgmv", 64)  # one long prefill segment
+    assert lora.plan(4096, 32) == LoRAPlan("sgmv", 64)
+    assert lora.plan(96, 32).kind == "bgmv" and lora.plan(96, 32, rank=64).kind == "sgmv"
+    assert lora.plan(4096, 1, lora_tokens=40) == LoRAPlan("sgmv", 64)  # base rows do not count
+    meta = LoRABatchMeta.build([0] * 40 + [1] * 3, "cpu")
+    assert not lora.use_bgmv(meta) and lora.use_bgmv(meta, "bgmv")
     decode = LoRABatchMeta.build([0, 1, 1, 2, -1], "cpu")
-    prefill = LoRABatchMeta.build([0] * 40 + [1] * 3, "cpu")
-    assert lora.use_bgmv(decode) and not lora.use_bgmv(prefill)
-    assert lora.use_bgmv(prefill, "bgmv") and not lora.use_bgmv(decode, "sgmv")
+    assert lora.use_bgmv(decode) and not lora.use_bgmv(decode, "sgmv")
 
+
+def covered(tiles: lora.LoRATiles) -> list[tuple[int, int]]:
+    """(token, slot) of every tile row; checks that a tile is one slot and at most block_m rows."""
+    out = []
+    rows = tiles.rows.tolist()
+    for slot, first, end, _ in tiles.table[:tiles.num_tiles].tolist():
+        if slot < 0:
+            assert first == end == -1
+            continue
+        assert 0 < end - first <= tiles.block_m
+        out += [(rows[i], slot) for i in range(first, end)]
+    return out
+
+
+def random_slot_maps() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    maps = [[], [-1] * 5, [4] * 100, [0, 1] * 20, token_slots([2, -1, 2, 0, 2], [30, 5, 17, 1, 40])]
+    for n in (1, 7, 64, 133):
+        maps.append(torch.randint(-1, 6, (n,), generator=gen).tolist())
+    return maps
+
+
+@pytest.mark.parametrize("block_m", BLOCK_MS)
+def test_host_tiles_cover_each_lora_row_once(block_m: int):
+    for slots in random_slot_maps():
+        meta = LoRABatchMeta.build(slots, "cpu")
+        tiles = meta.tiles(block_m, 6)
+        assert sorted(covered(tiles)) == sorted((t, s) for t, s in enumerate(slots) if s >= 0)
+        runs = [n for s in set(slots) if s >= 0 for n in [slots.count(s)]]
+        assert tiles.num_tiles == sum(-(-n // block_m) for n in runs)
+        assert tiles.num_tiles <= lora_plan.max_tiles(len(slots), 6, block_m)
+        rows = [t for t, _ in covered(tiles)]
+        assert rows == sorted(rows, key=lambda t: (slots[t], t)), "rows grouped by slot, in token order"
+
+
+@pytest.mark.parametrize("block_m", BLOCK_MS)
+def test_device_tiles_equal_host_tiles(block_m: int):
+    """The torch-ops builder (fixed sizes, no host sync) gives the host's table, then unused entries."""
+    for slots in random_slot_maps():
+        if not slots:
+            continue
+        host = LoRABatchMeta.build(slots, "cpu").tiles(block_m, 6)
+        dev = lora_plan.device_tiles(torch.tensor(slots, dtype=torch.int32), block_m, 6)
+        assert dev.num_tiles == lora_plan.max_tiles(len(slots), 6, block_m) >= host.num_tiles
+        assert dev.table[:host.num_tiles].tolist() == host.table.tolist()
+        assert (dev.table[host.num_tiles:] == -1).all()
+        assert dev.rows[:len(host.rows)].tolist() == host.rows.tolist()
+
+
+# ---- the ops against their references
 
 @pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -212,23 +289,39 @@ def test_ops_by_rank(ranks: list[int], kind: str):
     check_against_reference(case, kind, *run_ops(case, kind, lora_triton, partials=2))
 
 
+@pytest.mark.parametrize("rank", [8, 16, 64])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_one_long_segment_of_one_slot(block_m: int, rank: int):
+    """The prefill of one adapter: one run of 150 rows becomes ceil(150 / block_m) tiles; qkv slices."""
+    case = make_case([1] * 150, 2, [rank, rank], 40, [32, 16, 16], torch.bfloat16, seed=rank)
+    assert case.meta.tiles(block_m, 2).num_tiles == -(-150 // block_m)
+    check_against_reference(case, "sgmv", *run_ops(case, "sgmv", lora_triton, partials=2, block_m=block_m))
+
+
+@pytest.mark.parametrize("block_m", BLOCK_MS)
+def test_ragged_segments_with_base_rows(block_m: int):
+    """Segments of 1..70 rows over 5 slots, base runs between them, gate_up-like slices."""
+    gen = torch.Generator().manual_seed(block_m)
+    lengths = torch.randint(1, 71, (9,), generator=gen).tolist()
+    slots = token_slots([3, -1, 0, 3, -1, 4, 1, 0, 2], lengths)
+    case = make_case(slots, 5, [16, 8, 16, 64, 16], 36, [40, 40], torch.float16, seed=block_m)
+    check_against_reference(case, "sgmv", *run_ops(case, "sgmv", lora_triton, partials=3, block_m=block_m))
+
+
 @pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
-@pytest.mark.parametrize("partials", [0, 3], ids=["atomic", "partials"])
+@pytest.mark.parametrize("partials", [0, 3], ids=["no-split", "partials"])
 def test_split_k(kind: str, partials: int):
-    """H_in split over programs, by atomics into a zeroed [T, N] buffer or as partial sums in [P, T, N],
-    over an input size that no block divides; expand sums the partials."""
+    """H_in split over programs as partial sums in [P, T, N] over an input size that no block divides;
+    shrink returns the partials it wrote; expand sums them. A [T, N] buffer takes no split."""
     case = make_case(token_slots([0, -1, 1, 0], [3, 2, 1, 1]), 2, [16, 8], 600, [16, 24], torch.float32)
-    m = case.meta
     buf = torch.full((partials, 7, 32) if partials else (7, 32), float("nan"), device=DEVICE)
-    if kind == "sgmv":
-        lora_triton.sgmv_shrink(case.x, case.lora_a, m.seg_starts, m.seg_slots, m.max_seg_len, buf, split_k=3)
-    else:
-        lora_triton.bgmv_shrink(case.x, case.lora_a, m.token_slots, buf, split_k=3)
-    ref_buf, ref_y = run_ops(case, kind, lora_torch)
-    assert_close(buf.sum(0) if partials else buf, ref_buf, BUF_TOL)
+    h = shrink(case, kind, lora_triton, buf, split_k=3 if partials else None)
+    assert h.shape == ((3, 7, 32) if partials else (7, 32)) and h.data_ptr() == buf.data_ptr()
+    ref_h, ref_y = run_ops(case, kind, lora_torch)
+    lora_rows = case.meta.token_slots >= 0
+    assert_close((h.sum(0) if partials else h)[lora_rows], ref_h[lora_rows], BUF_TOL)
     y = case.fresh_y()
-    lora.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, m, buf=buf,
-                  backend="triton", kind=kind)  # type: ignore[arg-type]
+    expand(case, kind, lora_triton, y, h)
     assert_close(y, ref_y, TOLS[torch.float32])
 
 
@@ -244,11 +337,24 @@ def test_add_lora_torch_matches_naive_loop(dtype: torch.dtype):
         assert torch.equal(y[base], case.y[base])
 
 
-@pytest.mark.parametrize("slots", [[0, 1, 2, -1, 1], [1] * 9 + [-1] * 2 + [0] * 6], ids=["decode", "prefill"])
+@pytest.mark.parametrize("slots", [[0, 1, 2, -1, 1], [1] * 9 + [-1] * 2 + [0] * 6, [2] * 70 + [-1] * 3 + [2] * 5],
+                         ids=["decode", "prefill", "long"])
 def test_add_lora_triton_matches_naive_loop(slots: list[int]):
     case = make_case(slots, 3, [16, 8, 16], 32, [48, 16], torch.float32, seed=4)
     y = case.fresh_y()
     add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, case.meta, backend="triton")
+    assert_close(y.float(), naive_add_lora(case), TOLS[torch.float32])
+
+
+@pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
+def test_add_lora_with_slots_only_on_the_device(kind: str):
+    """LoRABatchMeta.on_device (a graph's slot buffer): SGMV builds its tiles with device ops."""
+    slots = [2, 0, -1, 2, 2, 1, 0, 2, -1, 2]
+    case = make_case(slots, 3, [16, 16, 16], 32, [16, 32], torch.float32, seed=8)
+    meta = LoRABatchMeta.on_device(case.meta.token_slots, LoRAPlan(kind, 16))  # type: ignore[arg-type]
+    assert meta.plan_for(16).kind == kind and LoRABatchMeta.on_device(case.meta.token_slots).plan_for(16).kind == "bgmv"
+    y = case.fresh_y()
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, meta, backend="triton")
     assert_close(y.float(), naive_add_lora(case), TOLS[torch.float32])
 
 
@@ -267,10 +373,17 @@ def test_shrink_fills_given_buffer(backend: str, partials: int):
     buf = lora.lora_buffer(3, case.lora_a, partials).fill_(float("nan"))
     assert buf.shape == ((partials, 3, 16) if partials else (3, 16))
     for op in (lora.sgmv_shrink, lora.bgmv_shrink):
-        out = op(case.x, case.lora_a, case.meta, buf=buf, backend=backend)  # type: ignore[arg-type]
-        assert out.data_ptr() == buf.data_ptr() and torch.isfinite(buf).all()
+        h = op(case.x, case.lora_a, case.meta, buf=buf, backend=backend)  # type: ignore[arg-type]
+        assert h.data_ptr() == buf.data_ptr() and torch.isfinite(h).all()
         expected = lora_torch.bgmv_shrink(case.x, case.lora_a, case.meta.token_slots)
-        assert_close(buf.sum(0) if partials else buf, expected, BUF_TOL)
+        assert_close(h.sum(0) if partials else h, expected, BUF_TOL)
+
+
+def test_warmup_runs_every_variant_and_leaves_weights():
+    case = make_case([0, 1], 2, [8, 8], 16, [16, 8], torch.float32)
+    before = (case.lora_a.clone(), case.lora_b.clone())
+    lora.warmup(case.lora_a, case.lora_b, case.scales, case.out_slices, backend="triton")
+    assert torch.equal(before[0], case.lora_a) and torch.equal(before[1], case.lora_b)
 
 
 def test_add_lora_rejects_mismatched_shapes():
