@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(ALL_CASES))
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--profile", action="store_true", help="torch.profiler + host timers on the b32 case")
+    ap.add_argument("--graphs-only", action="store_true", help="decode1 without its eager twin (short budgets)")
     ap.add_argument("--out", default="engine_throughput.json", help="result file name (bench/results/, $OUT)")
     args = ap.parse_args()
     cases = args.cases.split(",")
@@ -249,7 +250,7 @@ def run_tp_case(res: dict, root: Path, ceilings, args) -> None:
 def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str], ceilings, args) -> None:
     s = QWEN3_06B
     if "decode1" in cases:
-        for eager in (False, True):
+        for eager in (False,) if args.graphs_only else (False, True):
             run = Run(model, s, ceilings, max_num_seqs=1, enable_lora=False, enforce_eager=eager, max_model_len=2048)
             res["decode1" + ("_eager" if eager else "")] = {**run.measure(1, 16, 512), **run.graph_info()}
             run.close()

@@ -4,8 +4,9 @@
 # the nano-vllm workload, the HF+PEFT baseline and the served-path benchmark.
 # Results go to $OUT (or .out/) and bench/results/.
 # Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|gemv|quick|all]
-# quick: the least that proves this round on a short device budget: the GPU kernel tests, the GEMM
-# sweep that writes its config table (QUICK_SWEEP), the engine cases in QUICK_CASES and nano-vllm.
+# quick: the least that proves a round on a short device budget: GPU kernel tests (QUICK_TESTS), engine
+# cases QUICK_CASES, the GEMM sweep writing its table (QUICK_SWEEP: its arguments), engine cases
+# QUICK_CASES_B (after the sweep), nano-vllm.
 # Missing Python packages travel as wheels in .whl/ (see README "GPU"); ../shared/bench in .gpu_carry/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,9 @@ export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$pkg/bin"; printf '#!/bin/sh\nexec python3 -m loraplex.backend.cli "$@"\n' > "$pkg/bin/loraplex"
 chmod +x "$pkg/bin/loraplex"; export PATH="$pkg/bin:$PATH"
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | tail -${TAIL:-12}; }
+# LOG=FILE: every step appends to $OUT/FILE (few files come back) instead of $OUT/NAME.log
+step() { local name=$1 limit=$2; shift 2; echo "== $name" | tee ${LOG:+-a "$OUT/$LOG"}
+  timeout "$limit" "$@" 2>&1 | tee ${LOG:+-a} "$OUT/${LOG:-$name.log}" | tail -${TAIL:-12}; }
 if [[ $what == tests || $what == all ]]; then
   step gpu_tests 300 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" -m gpu ${KERNELS-tests/kernels} tests/engine
   step cuda_engine_tests 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/engine/test_engine_vs_hf.py \
@@ -42,12 +45,14 @@ if [[ $what == profile ]]; then  # where a step's time goes (bench/profile_engin
   TAIL=${TAIL:-150} step profile 400 python3 bench/profile_engine.py ${PROFILE_ARGS:-}
   [[ -n ${CASES:-} ]] && TAIL=20 step engine 420 python3 bench/engine_throughput.py --cases "$CASES" --out "${ENGINE_OUT:-engine_cases.json}"
 fi
-if [[ $what == quick ]]; then
-  step gpu_kernel_tests ${QUICK_TEST_S:-90} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu ${QUICK_TESTS:-tests/kernels}
-  [[ -n ${QUICK_SWEEP:-} ]] && step sweep ${QUICK_SWEEP_S:-60} python3 $QUICK_SWEEP
-  TAIL=30 step engine ${QUICK_ENGINE_S:-200} python3 bench/engine_throughput.py --cases "${QUICK_CASES:-decode1,b32,structured,lora}"
-  [[ -f .gpu_carry/nano_vllm_workload.py ]] && step nano_vllm ${QUICK_NANO_S:-100} python3 .gpu_carry/nano_vllm_workload.py \
-    && cp "$OUT/nano_vllm.log" bench/results/nano_vllm_workload.log
+if [[ $what == quick ]]; then  # each step's JSON reaches $OUT as soon as it is written
+  step gpu_kernel_tests ${QUICK_TEST_S:-75} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu ${QUICK_TESTS:-tests/kernels}
+  TAIL=30 step engine_a ${QUICK_ENGINE_S:-130} python3 bench/engine_throughput.py --graphs-only \
+    --cases "${QUICK_CASES:-structured,lora}" --out engine_quick_a.json
+  [[ -n ${QUICK_SWEEP:-} ]] && TAIL=30 step sweep ${QUICK_SWEEP_S:-50} python3 bench/gemv_sweep.py --write-table $QUICK_SWEEP
+  [[ -n ${QUICK_CASES_B:-} ]] && TAIL=30 step engine_b ${QUICK_ENGINE_B_S:-70} python3 bench/engine_throughput.py \
+    --graphs-only --cases "$QUICK_CASES_B" --out engine_quick_b.json
+  [[ -f .gpu_carry/nano_vllm_workload.py ]] && step nano_vllm ${QUICK_NANO_S:-90} python3 .gpu_carry/nano_vllm_workload.py
 fi
 if [[ $what == gemv ]]; then  # decode with the checked-in skinny-GEMM table, tune it here (copy in $OUT), decode again
   TAIL=20 step engine_before 200 python3 bench/engine_throughput.py --cases "${CASES:-decode1}" --out engine_gemv_before.json
