@@ -13,6 +13,12 @@ and host weights until its last request releases it; then both are freed. Host m
 of ``max_cpu_loras`` versions that never evicts a version with running requests, in a slot, or
 pinned (so the limit is soft); an evicted version is re-read from its source on next use, and
 refused if the files changed since. ``pinned`` also makes a slot the last choice for eviction.
+
+Host copies are kept in the slot dtype, pinned when the slots are on CUDA (``LoRASlots.host_copy``).
+Two ways into a slot: ``ensure_resident`` places and writes synchronously (the caller's stream
+sees the write), and the background path of ``lora.loader`` (``claim_slot`` reserves a slot,
+``write_slot`` writes it without waiting, ``slot_status`` says when steps may read it; a version
+is ``active`` while admitted requests run on it, and its slot is then never evicted).
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from loraplex.errors import (
     NoAdapterSlotError,
 )
 from loraplex.lora.peft import BaseModelSpec, LoRAWeights, check_magnitudes, load_peft_adapter
-from loraplex.lora.slots import LoRASlots
-from loraplex.lora.types import AdapterInfo, AdapterState
+from loraplex.lora.slots import LoRASlots, SlotFill
+from loraplex.lora.types import AdapterInfo, AdapterState, LoadTimes, SlotStatus
 
 Loader = Callable[[str, str, BaseModelSpec, LoRAConfig, str | None], LoRAWeights]
 _DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -71,8 +77,10 @@ class AdapterVersion:
     fingerprint: str  # identity of the files read; checked on reload from source
     trusted: bool  # its source came from the operator (demo, preload): not confined to the roots
     weights: LoRAWeights | None = None  # None: evicted from host memory
-    refcount: int = 0  # running requests holding this version
+    refcount: int = 0  # requests holding this version (waiting or running)
     unloaded: bool = False  # retired: no longer the current version of its name
+    active: int = 0  # admitted requests running on it: its slot is never evicted
+    loads: int = 0  # background loads of it in flight (source read or slot write): it is not freed meanwhile
 
     @property
     def key(self) -> tuple[str, int]:
@@ -97,6 +105,12 @@ class RegistryCounts:
     source_loads: int = 0  # file reads (register, first use, reload after host eviction)
     source_load_seconds: float = 0.0
     cpu_evictions: int = 0  # host-cache evictions (weights dropped)
+    slot_lookups: int = 0  # requests with an adapter, looked up on arrival
+    slot_hits: int = 0  # ... whose version was in a GPU slot
+    cpu_lookups: int = 0  # ... whose version was in no slot
+    cpu_hits: int = 0  # ... of those, with weights in host memory
+    loads_in_flight: int = 0  # versions with a background load in flight
+    load_times: dict[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)  # stage -> histogram
     running_by_adapter: dict[str, int] = field(default_factory=dict)
 
 
@@ -126,6 +140,10 @@ class AdapterRegistry:
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, oldest use first
         self._stats = RegistryCounts(lora_slots_total=slots.max_loras)
         self._loading: dict[str, int] = {}  # names whose files are being read now -> readers
+        # slots being written in the background: version -> (its fill, None while writing; start time)
+        self._fills: dict[AdapterVersion, tuple[SlotFill | None, float]] = {}
+        self._wanted: set[AdapterVersion] = set()  # versions the scheduler admits next (see set_wanted)
+        self._load_times = {"source": LoadTimes(), "slot": LoadTimes()}
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -153,11 +171,12 @@ class AdapterRegistry:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def acquire(self, name: str) -> AdapterVersion:
+    def acquire(self, name: str, read: bool = True) -> AdapterVersion:
         """Pins the current version of ``name`` for a new request (refcount + 1).
 
-        May read files: registers ``cfg.adapter_dir/name`` on first use, or re-reads evicted weights
-        from the source. Raises ``AdapterNotFoundError`` or ``AdapterLoadError``.
+        May read files: registers ``cfg.adapter_dir/name`` on first use, and (if ``read``) re-reads
+        evicted weights from the source; without ``read`` they stay at the source for the background
+        loader. Raises ``AdapterNotFoundError`` or ``AdapterLoadError``.
         """
         with self._lock:
             version = self._current.get(name)
@@ -165,7 +184,7 @@ class AdapterRegistry:
                 version.refcount += 1
         if version is None:
             version = self._first_use(name)
-        if version.weights is None:
+        if version.weights is None and read:
             try:
                 self._reload(version)
             except BaseException:
@@ -181,7 +200,7 @@ class AdapterRegistry:
             version.refcount -= 1
             if version.refcount == 0:
                 if version.unloaded:
-                    self._drop(version)
+                    self._drop_if_free(version)
                 else:
                     self._trim_cpu()
 
@@ -207,6 +226,8 @@ class AdapterRegistry:
                 slot = self._slot_of.get(version)
                 if slot is None:
                     slot = self._place(version, protected)
+                elif version in self._fills:
+                    self._order_fill(version)
                 self._slot_lru.move_to_end(slot)
                 self._touch(version)
                 out[version] = slot
@@ -216,6 +237,104 @@ class AdapterRegistry:
         """The slot holding ``version``, or None."""
         with self._lock:
             return self._slot_of.get(version)
+
+    # -- background loading (lora.loader drives these) -----------------------------------------
+
+    def lookup(self, version: AdapterVersion) -> None:
+        """Counts a request's adapter on arrival: a slot hit, else a host-cache hit or a miss."""
+        with self._lock:
+            s = self._stats
+            s.slot_lookups += 1
+            if version in self._slot_of:
+                s.slot_hits += 1
+            else:
+                s.cpu_lookups += 1
+                s.cpu_hits += version.weights is not None
+
+    def slot_status(self, version: AdapterVersion) -> SlotStatus:
+        """Whether steps may read ``version``'s slot (READY), or how far its write is."""
+        with self._lock:
+            if version not in self._slot_of:
+                return SlotStatus.NONE
+            entry = self._fills.get(version)
+            if entry is None:
+                return SlotStatus.READY
+            fill, started = entry
+            if fill is None:
+                return SlotStatus.WRITING
+            if not fill.done():
+                return SlotStatus.ENQUEUED
+            self._fill_complete(version, started)
+            return SlotStatus.READY
+
+    def claim_slot(self, version: AdapterVersion) -> int | None:
+        """Reserves a slot for ``version`` (weights in host memory, in no slot yet) and counts a load in
+        flight until ``write_slot``; None when no slot can be taken now.
+
+        The victim is the least recently used version that no admitted request runs on, no write is
+        filling and the scheduler does not want next; a wanted version may evict versions that only
+        waiting requests hold, others only versions nobody holds.
+        """
+        with self._lock:
+            if version in self._slot_of or version.weights is None:
+                return None
+            slot = next((s for s, v in enumerate(self._slot_versions) if v is None), None)
+            if slot is None:
+                slot = self._pick_victim(set(), held_too=version in self._wanted)
+                if slot is None:
+                    return None
+                self._evict(slot)
+            self._slot_versions[slot] = version
+            self._slot_of[version] = slot
+            self._slot_lru[slot] = None
+            self._fills[version] = (None, time.perf_counter())
+            version.loads += 1
+            return slot
+
+    def write_slot(self, version: AdapterVersion, slot: int) -> None:
+        """Writes a slot from ``claim_slot`` without waiting (call with no lock held; the claim keeps the
+        slot and the weights). On error the slot is given up and the error raised."""
+        try:
+            assert version.weights is not None  # a slotted version's weights are never evicted
+            fill = self.slots.fill(slot, version.weights)
+        except BaseException:
+            with self._lock:
+                self._fills.pop(version, None)
+                del self._slot_of[version]
+                self._free_slot(slot)
+                self._end_load(version)
+            raise
+        with self._lock:
+            started = self._fills[version][1]
+            self._stats.slot_loads += 1
+            self._stats.slot_load_seconds += time.perf_counter() - started
+            if fill.done():
+                self._fill_complete(version, started)
+            else:
+                self._fills[version] = (fill, started)
+            self._end_load(version)
+
+    def load_weights(self, version: AdapterVersion) -> None:
+        """Re-reads a held version's evicted weights from its source (no lock held; may take long),
+        counted as a load in flight. Raises ``AdapterLoadError`` (the files changed or are refused)."""
+        with self._lock:
+            version.loads += 1
+        try:
+            self._reload(version)
+        finally:
+            with self._lock:
+                self._end_load(version)
+
+    def set_active(self, version: AdapterVersion, delta: int) -> None:
+        """An admitted request starts (+1) or stops (-1) running on ``version``."""
+        with self._lock:
+            version.active += delta
+
+    def set_wanted(self, versions: Iterable[AdapterVersion]) -> None:
+        """The versions of the requests the scheduler admits next: their slots are kept, and they may
+        evict versions that only waiting requests hold."""
+        with self._lock:
+            self._wanted = set(versions)
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -251,6 +370,8 @@ class AdapterRegistry:
             stats.adapters_cached = sum(v in self._cpu and v not in self._slot_of for v in current)
             stats.adapters_registered = len(self._current)
             stats.retired_versions = len(self._retired)
+            stats.loads_in_flight = sum(v.loads > 0 for v in [*current, *self._retired])
+            stats.load_times = {stage: times.frozen() for stage, times in self._load_times.items()}
             for v in [*current, *self._retired]:
                 if v.refcount:
                     stats.running_by_adapter[v.name] = stats.running_by_adapter.get(v.name, 0) + v.refcount
@@ -271,7 +392,8 @@ class AdapterRegistry:
             live = set(self._current.values()) | self._retired
             errors += [f"{v.key}: held but not live" for v in [*self._slot_of, *self._cpu] if v not in live]
             errors += [f"{v.key}: retired flag/refcount wrong" for v in self._retired
-                       if not v.unloaded or v.refcount <= 0]
+                       if not v.unloaded or (v.refcount <= 0 and v.loads <= 0)]
+            errors += [f"{v.key}: fill without a slot" for v in self._fills if v not in self._slot_of]
             errors += [f"{v.key}: current but unloaded" for v in self._current.values() if v.unloaded]
             return errors
 
@@ -323,14 +445,17 @@ class AdapterRegistry:
         try:
             weights = self._loader(name, source, self.base, cfg, revision)
             check_magnitudes(weights, self.slots.dtype)
+            weights = self.slots.host_copy(weights)
         finally:
             with self._lock:
                 self._loading[name] -= 1
                 if not self._loading[name]:
                     del self._loading[name]
         with self._lock:
+            seconds = time.perf_counter() - start
             self._stats.source_loads += 1
-            self._stats.source_load_seconds += time.perf_counter() - start
+            self._stats.source_load_seconds += seconds
+            self._load_times["source"].observe(seconds)
         return weights
 
     def _first_use(self, name: str) -> AdapterVersion:
@@ -377,20 +502,41 @@ class AdapterRegistry:
 
     def _retire(self, version: AdapterVersion) -> None:
         version.unloaded = True
-        if version.refcount == 0:
+        self._retired.add(version)
+        self._drop_if_free(version)
+
+    def _drop_if_free(self, version: AdapterVersion) -> None:
+        """Frees a retired version no request holds and no load uses."""
+        if version.unloaded and version.refcount == 0 and version.loads == 0:
             self._drop(version)
-        else:
-            self._retired.add(version)
+
+    def _end_load(self, version: AdapterVersion) -> None:
+        version.loads -= 1
+        self._drop_if_free(version)
+        self._trim_cpu()
 
     def _drop(self, version: AdapterVersion) -> None:
         """Frees a retired version's slot and host weights."""
         slot = self._slot_of.pop(version, None)
         if slot is not None:
+            self._fills.pop(version, None)  # the clear below is ordered after its write (fill stream)
             self._free_slot(slot)
             self.slots.clear(slot)
         self._cpu.pop(version, None)
         self._retired.discard(version)
         version.weights = None
+
+    def _order_fill(self, version: AdapterVersion) -> None:
+        """The caller's stream waits for ``version``'s background write (which must be enqueued)."""
+        fill, started = self._fills[version]
+        if fill is None:
+            raise RuntimeError(f"adapter {version.key}: its slot is still being written")
+        fill.order_before()
+        self._fill_complete(version, started)
+
+    def _fill_complete(self, version: AdapterVersion, started: float) -> None:
+        del self._fills[version]
+        self._load_times["slot"].observe(time.perf_counter() - started)
 
     def _free_slot(self, slot: int) -> None:
         self._slot_versions[slot] = None
@@ -399,7 +545,15 @@ class AdapterRegistry:
     def _trim_cpu(self) -> None:
         """Evicts least recently used host weights past ``max_cpu_loras`` (idle, unslotted, unpinned only)."""
         excess = len(self._cpu) - self.cfg.max_cpu_loras
-        for version in [v for v in self._cpu if not (v.refcount or v.pinned or v in self._slot_of)][:max(excess, 0)]:
+        if excess <= 0:
+            return
+        victims = []
+        for v in self._cpu:  # oldest first; stops at the excess, so a cache of thousands costs little
+            if not (v.refcount or v.pinned or v.loads or v in self._slot_of):
+                victims.append(v)
+                if len(victims) == excess:
+                    break
+        for version in victims:
             del self._cpu[version]
             version.weights = None
             self._stats.cpu_evictions += 1
@@ -410,12 +564,10 @@ class AdapterRegistry:
         self.slots.check(version.weights)
         slot = next((s for s, v in enumerate(self._slot_versions) if v is None), None)
         if slot is None:
-            slot = self._victim(protected)
-            evicted = self._slot_versions[slot]
-            assert evicted is not None
-            del self._slot_of[evicted]
-            self._free_slot(slot)
-            self._stats.slot_evictions += 1
+            slot = self._pick_victim(protected, held_too=True)
+            if slot is None:
+                raise NoAdapterSlotError(f"all {self.slots.max_loras} adapter slots are in use by this step")
+            self._evict(slot)
         start = time.perf_counter()
         self.slots.load(slot, version.weights)
         self._stats.slot_loads += 1
@@ -425,18 +577,31 @@ class AdapterRegistry:
         self._slot_lru[slot] = None
         return slot
 
-    def _victim(self, protected: set[AdapterVersion]) -> int:
-        """Least recently used slot outside ``protected``, idle and unpinned ones first."""
-        order = {s: i for i, s in enumerate(self._slot_lru)}
-        candidates = [s for s in self._slot_lru if self._slot_versions[s] not in protected]
-        if not candidates:
-            raise NoAdapterSlotError(f"all {self.slots.max_loras} adapter slots are in use by this step")
-
-        def rank(s: int) -> tuple[bool, bool, int]:
+    def _pick_victim(self, protected: set[AdapterVersion], held_too: bool) -> int | None:
+        """Least recently used slot whose version may go, idle and unpinned ones first; never one in
+        ``protected``, run on by admitted requests, being written or wanted next, and (unless
+        ``held_too``) never one a request holds. None when there is none."""
+        for version, (fill, started) in list(self._fills.items()):
+            if fill is not None and fill.done():  # complete, though no one asked since
+                self._fill_complete(version, started)
+        best: tuple[bool, bool, int] | None = None
+        victim = None
+        for order, s in enumerate(self._slot_lru):
             v = self._slot_versions[s]
             assert v is not None
-            return (v.refcount > 0, v.pinned, order[s])
-        return min(candidates, key=rank)
+            if v in protected or v.active or v in self._fills or v in self._wanted or (v.refcount and not held_too):
+                continue
+            rank = (v.refcount > 0, v.pinned, order)
+            if best is None or rank < best:
+                best, victim = rank, s
+        return victim
+
+    def _evict(self, slot: int) -> None:
+        evicted = self._slot_versions[slot]
+        assert evicted is not None
+        del self._slot_of[evicted]
+        self._free_slot(slot)
+        self._stats.slot_evictions += 1
 
     def _info(self, version: AdapterVersion) -> AdapterInfo:
         if version in self._slot_of:
