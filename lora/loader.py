@@ -2,8 +2,10 @@
 
 The scheduler drives it: ``AdapterLoader`` is its ``AdapterGate``. ``lookup`` counts a request's
 adapter on arrival (slot hit, host-cache hit or miss); ``prefetch`` starts what the adapter still
-needs: a read of its files on a loader thread when its weights left host memory, then a slot
-claim and write (on the calling thread when ``inline``, else on a loader thread). ``admissible``
+needs: a read of its files on a loader thread when its weights left host memory, else a slot
+claim and its write (on the calling thread when ``inline``, else on a loader thread). Slots are
+claimed on the engine thread only (a read that ends wakes the engine, whose next step claims), so
+the slot of a version the scheduler has just found ready cannot go before it is admitted. ``admissible``
 says whether a request may run now: its slot is written, or the write is enqueued on the fill
 stream and nothing else is running (the step's stream then waits on the write's event in
 ``assign``; while other requests run, a request waits a step rather than stall them).
@@ -59,7 +61,7 @@ class AdapterLoader:
                 return
             if version.weights is None:
                 self._reading.add(version)
-                self._submit(lambda: self._read_and_write(version))
+                self._submit(lambda: self._read(version))
                 return
         slot = self.registry.claim_slot(version)
         if slot is None:
@@ -112,13 +114,10 @@ class AdapterLoader:
                                  daemon=True).start()
         self._tasks.put(task)
 
-    def _read_and_write(self, version: AdapterVersion) -> None:
+    def _read(self, version: AdapterVersion) -> None:
         try:
             if version.weights is None:
                 self.registry.load_weights(version)
-            slot = self.registry.claim_slot(version)
-            if slot is not None:
-                self.registry.write_slot(version, slot)
         except Exception as exc:
             self._fail(version, exc)
         finally:

@@ -125,7 +125,8 @@ class AdapterRegistry:
 
     def __init__(self, cfg: LoRAConfig, base: BaseModelSpec, slots: LoRASlots, loader: Loader = load_peft_adapter,
                  builtin_roots: tuple[str, ...] = ()):
-        self.cfg, self.base, self.slots, self._loader = cfg, base, slots, loader
+        self.cfg, self.base, self.slots = cfg, base, slots
+        self.read_source = loader  # reads and validates one adapter from its source (tests may wrap it)
         # what requests may load: the configured roots, adapter_dir and the built-in adapters
         roots = [*cfg.adapter_roots, *([cfg.adapter_dir] if cfg.adapter_dir else []), *builtin_roots]
         self._confined = dataclasses.replace(cfg, adapter_roots=roots)
@@ -443,7 +444,7 @@ class AdapterRegistry:
         with self._lock:
             self._loading[name] = self._loading.get(name, 0) + 1
         try:
-            weights = self._loader(name, source, self.base, cfg, revision)
+            weights = self.read_source(name, source, self.base, cfg, revision)
             check_magnitudes(weights, self.slots.dtype)
             weights = self.slots.host_copy(weights)
         finally:

@@ -229,14 +229,16 @@ class Scheduler:
         adapters = {s.adapter_key for s in self.running if s.adapter_key is not None}
         idle = not self.running
         passed: list[tuple[Sequence, int]] = []  # (waiting request passed over, admissions before it was)
-        admitted = 0
+        admitted, cap = 0, None  # cap: admissions this step that keep every passed request within its bound
         for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs or admitted == cap:
                 break
             if not self._admissible(seq, adapters, idle):
                 if self._overdue(seq):
                     break
                 passed.append((seq, admitted))
+                left = admitted + self.config.max_admission_bypass - seq.num_bypassed
+                cap = left if cap is None else min(cap, left)
                 continue
             cached = self.kv.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
             num_cached = len(cached) * self.kv.block_size
