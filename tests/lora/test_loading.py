@@ -55,8 +55,8 @@ def expected(world: dict[str, Any], prompt: list[int], adapter: str | None, n: i
 
 
 def make_llm(world: dict[str, Any], register: list[str] = NAMES, **kw: Any) -> LLM:
-    args = dict(dtype="float32", kv_cache_memory_bytes=2**26, max_lora_rank=8, adapter_roots=TMP_ROOTS,
-                max_loras=2, max_num_seqs=8)
+    args = dict(dtype="float32", device="cpu", kv_cache_memory_bytes=2**26, max_lora_rank=8,
+                adapter_roots=TMP_ROOTS, max_loras=2, max_num_seqs=8)  # CPU even on a GPU machine: its timings
     llm = LLM(str(world["base"]), **{**args, **kw})
     for name in register:
         llm.load_adapter(name, str(world["dirs"][name]))
@@ -316,7 +316,7 @@ def breakable(world: dict[str, Any], tmp_path: Path) -> Iterator[tuple[Path, Any
     import shutil
 
     path = Path(shutil.copytree(world["dirs"]["a"], tmp_path / "a"))
-    cfg = EngineConfig.from_kwargs(model=str(world["base"]), dtype="float32", kv_cache_memory_bytes=2**26,
+    cfg = EngineConfig.from_kwargs(model=str(world["base"]), dtype="float32", device="cpu", kv_cache_memory_bytes=2**26,
                                    max_lora_rank=8, adapter_roots=TMP_ROOTS, max_loras=2, max_cpu_loras=1)
     yield path, cfg
 
