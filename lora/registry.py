@@ -43,7 +43,8 @@ from loraplex.errors import (
     NoAdapterSlotError,
 )
 from loraplex.lora.peft import BaseModelSpec, LoRAWeights, check_magnitudes, load_peft_adapter
-from loraplex.lora.slots import LoRASlots, SlotFill
+from loraplex.lora.slot_table import SlotTable
+from loraplex.lora.slots import LoRASlots
 from loraplex.lora.types import AdapterInfo, AdapterState, LoadTimes, SlotStatus
 
 Loader = Callable[[str, str, BaseModelSpec, LoRAConfig, str | None], LoRAWeights]
@@ -136,15 +137,10 @@ class AdapterRegistry:
         self._last_version: dict[str, int] = {}
         self._retired: set[AdapterVersion] = set()
         self._cpu: OrderedDict[AdapterVersion, None] = OrderedDict()  # LRU, oldest first
-        self._slot_versions: list[AdapterVersion | None] = [None] * slots.max_loras
-        self._slot_of: dict[AdapterVersion, int] = {}
-        self._slot_lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, oldest use first
+        self._slots = SlotTable(slots)  # the GPU tier, guarded by self._lock
         self._stats = RegistryCounts(lora_slots_total=slots.max_loras)
         self._loading: dict[str, int] = {}  # names whose files are being read now -> readers
-        # slots being written in the background: version -> (its fill, None while writing; start time)
-        self._fills: dict[AdapterVersion, tuple[SlotFill | None, float]] = {}
-        self._wanted: set[AdapterVersion] = set()  # versions the scheduler admits next (see set_wanted)
-        self._load_times = {"source": LoadTimes(), "slot": LoadTimes()}
+        self._source_times = LoadTimes()
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -224,20 +220,15 @@ class AdapterRegistry:
             for version in wanted:
                 if version.weights is None:
                     raise ValueError(f"adapter {version.key} has no weights in host memory: acquire it first")
-                slot = self._slot_of.get(version)
-                if slot is None:
-                    slot = self._place(version, protected)
-                elif version in self._fills:
-                    self._order_fill(version)
-                self._slot_lru.move_to_end(slot)
+                slots = self._slots
+                out[version] = slots.use(version) if version in slots else slots.place(version, protected)
                 self._touch(version)
-                out[version] = slot
             return out
 
     def slot_of(self, version: AdapterVersion) -> int | None:
         """The slot holding ``version``, or None."""
         with self._lock:
-            return self._slot_of.get(version)
+            return self._slots.slot_of(version)
 
     # -- background loading (lora.loader drives these) -----------------------------------------
 
@@ -246,7 +237,7 @@ class AdapterRegistry:
         with self._lock:
             s = self._stats
             s.slot_lookups += 1
-            if version in self._slot_of:
+            if version in self._slots:
                 s.slot_hits += 1
             else:
                 s.cpu_lookups += 1
@@ -255,18 +246,7 @@ class AdapterRegistry:
     def slot_status(self, version: AdapterVersion) -> SlotStatus:
         """Whether steps may read ``version``'s slot (READY), or how far its write is."""
         with self._lock:
-            if version not in self._slot_of:
-                return SlotStatus.NONE
-            entry = self._fills.get(version)
-            if entry is None:
-                return SlotStatus.READY
-            fill, started = entry
-            if fill is None:
-                return SlotStatus.WRITING
-            if not fill.done():
-                return SlotStatus.ENQUEUED
-            self._fill_complete(version, started)
-            return SlotStatus.READY
+            return self._slots.status(version)
 
     def claim_slot(self, version: AdapterVersion) -> int | None:
         """Reserves a slot for ``version`` (weights in host memory, in no slot yet) and counts a load in
@@ -274,45 +254,28 @@ class AdapterRegistry:
 
         The victim is the least recently used version that no admitted request runs on, no write is
         filling and the scheduler does not want next; a wanted version may evict versions that only
-        waiting requests hold, others only versions nobody holds.
+        waiting requests hold, others only versions nobody holds (``SlotTable``).
         """
         with self._lock:
-            if version in self._slot_of or version.weights is None:
+            if version in self._slots or version.weights is None:
                 return None
-            slot = next((s for s, v in enumerate(self._slot_versions) if v is None), None)
-            if slot is None:
-                slot = self._pick_victim(set(), held_too=version in self._wanted)
-                if slot is None:
-                    return None
-                self._evict(slot)
-            self._slot_versions[slot] = version
-            self._slot_of[version] = slot
-            self._slot_lru[slot] = None
-            self._fills[version] = (None, time.perf_counter())
-            version.loads += 1
+            slot = self._slots.claim(version)
+            if slot is not None:
+                version.loads += 1
             return slot
 
     def write_slot(self, version: AdapterVersion, slot: int) -> None:
         """Writes a slot from ``claim_slot`` without waiting (call with no lock held; the claim keeps the
         slot and the weights). On error the slot is given up and the error raised."""
         try:
-            assert version.weights is not None  # a slotted version's weights are never evicted
-            fill = self.slots.fill(slot, version.weights)
+            fill, seconds = self._slots.write(version, slot)
         except BaseException:
             with self._lock:
-                self._fills.pop(version, None)
-                del self._slot_of[version]
-                self._free_slot(slot)
+                self._slots.abandon(version)
                 self._end_load(version)
             raise
         with self._lock:
-            started = self._fills[version][1]
-            self._stats.slot_loads += 1
-            self._stats.slot_load_seconds += time.perf_counter() - started
-            if fill.done():
-                self._fill_complete(version, started)
-            else:
-                self._fills[version] = (fill, started)
+            self._slots.written(version, fill, seconds)
             self._end_load(version)
 
     def load_weights(self, version: AdapterVersion) -> None:
@@ -335,7 +298,7 @@ class AdapterRegistry:
         """The versions of the requests the scheduler admits next: their slots are kept, and they may
         evict versions that only waiting requests hold."""
         with self._lock:
-            self._wanted = set(versions)
+            self._slots.wanted = set(versions)
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -354,7 +317,7 @@ class AdapterRegistry:
     def resident_names(self) -> builtins.list[str]:
         """Names with a version in a GPU slot (retired versions still running included), sorted."""
         with self._lock:
-            return sorted({v.name for v in self._slot_of})
+            return sorted({v.name for v in self._slots.holders()})
 
     def loading_names(self) -> builtins.list[str]:
         """Names whose files are being read right now (load, first use, reload), sorted."""
@@ -366,13 +329,16 @@ class AdapterRegistry:
         with self._lock:
             stats = dataclasses.replace(self._stats, running_by_adapter={})
             current = self._current.values()
-            stats.lora_slots_used = len(self._slot_of)
-            stats.adapters_resident = sum(v in self._slot_of for v in current)
-            stats.adapters_cached = sum(v in self._cpu and v not in self._slot_of for v in current)
+            slots = self._slots
+            stats.slot_loads, stats.slot_load_seconds, stats.slot_evictions = (slots.loads, slots.load_seconds,
+                                                                               slots.evictions)
+            stats.lora_slots_used = sum(1 for _ in slots.holders())
+            stats.adapters_resident = sum(v in slots for v in current)
+            stats.adapters_cached = sum(v in self._cpu and v not in slots for v in current)
             stats.adapters_registered = len(self._current)
             stats.retired_versions = len(self._retired)
             stats.loads_in_flight = sum(v.loads > 0 for v in [*current, *self._retired])
-            stats.load_times = {stage: times.frozen() for stage, times in self._load_times.items()}
+            stats.load_times = {"source": self._source_times.frozen(), "slot": slots.times.frozen()}
             for v in [*current, *self._retired]:
                 if v.refcount:
                     stats.running_by_adapter[v.name] = stats.running_by_adapter.get(v.name, 0) + v.refcount
@@ -381,20 +347,14 @@ class AdapterRegistry:
     def consistency_errors(self) -> builtins.list[str]:
         """Broken invariants (empty when consistent); for tests and debugging."""
         with self._lock:
-            errors = []
-            for slot, v in enumerate(self._slot_versions):
-                if v is not None and (self._slot_of.get(v) != slot or v.weights is None or slot not in self._slot_lru):
-                    errors.append(f"slot {slot}: {v.key} inconsistent")
-                if v is None and (slot in self._slot_lru or self.slots.ranks[slot]):
-                    errors.append(f"slot {slot}: free but marked used")
+            errors = self._slots.errors()
             for v in self._cpu:
                 if v.weights is None:
                     errors.append(f"{v.key}: in host cache without weights")
             live = set(self._current.values()) | self._retired
-            errors += [f"{v.key}: held but not live" for v in [*self._slot_of, *self._cpu] if v not in live]
+            errors += [f"{v.key}: held but not live" for v in [*self._slots.holders(), *self._cpu] if v not in live]
             errors += [f"{v.key}: retired flag/refcount wrong" for v in self._retired
                        if not v.unloaded or (v.refcount <= 0 and v.loads <= 0)]
-            errors += [f"{v.key}: fill without a slot" for v in self._fills if v not in self._slot_of]
             errors += [f"{v.key}: current but unloaded" for v in self._current.values() if v.unloaded]
             return errors
 
@@ -456,7 +416,7 @@ class AdapterRegistry:
             seconds = time.perf_counter() - start
             self._stats.source_loads += 1
             self._stats.source_load_seconds += seconds
-            self._load_times["source"].observe(seconds)
+            self._source_times.observe(seconds)
         return weights
 
     def _first_use(self, name: str) -> AdapterVersion:
@@ -518,30 +478,10 @@ class AdapterRegistry:
 
     def _drop(self, version: AdapterVersion) -> None:
         """Frees a retired version's slot and host weights."""
-        slot = self._slot_of.pop(version, None)
-        if slot is not None:
-            self._fills.pop(version, None)  # the clear below is ordered after its write (fill stream)
-            self._free_slot(slot)
-            self.slots.clear(slot)
+        self._slots.free(version)
         self._cpu.pop(version, None)
         self._retired.discard(version)
         version.weights = None
-
-    def _order_fill(self, version: AdapterVersion) -> None:
-        """The caller's stream waits for ``version``'s background write (which must be enqueued)."""
-        fill, started = self._fills[version]
-        if fill is None:
-            raise RuntimeError(f"adapter {version.key}: its slot is still being written")
-        fill.order_before()
-        self._fill_complete(version, started)
-
-    def _fill_complete(self, version: AdapterVersion, started: float) -> None:
-        del self._fills[version]
-        self._load_times["slot"].observe(time.perf_counter() - started)
-
-    def _free_slot(self, slot: int) -> None:
-        self._slot_versions[slot] = None
-        self._slot_lru.pop(slot, None)
 
     def _trim_cpu(self) -> None:
         """Evicts least recently used host weights past ``max_cpu_loras`` (idle, unslotted, unpinned only)."""
@@ -550,7 +490,7 @@ class AdapterRegistry:
             return
         victims = []
         for v in self._cpu:  # oldest first; stops at the excess, so a cache of thousands costs little
-            if not (v.refcount or v.pinned or v.loads or v in self._slot_of):
+            if not (v.refcount or v.pinned or v.loads or v in self._slots):
                 victims.append(v)
                 if len(victims) == excess:
                     break
@@ -559,53 +499,8 @@ class AdapterRegistry:
             version.weights = None
             self._stats.cpu_evictions += 1
 
-    def _place(self, version: AdapterVersion, protected: set[AdapterVersion]) -> int:
-        """Loads ``version`` into a free slot, or evicts the best victim outside ``protected``."""
-        assert version.weights is not None
-        self.slots.check(version.weights)
-        slot = next((s for s, v in enumerate(self._slot_versions) if v is None), None)
-        if slot is None:
-            slot = self._pick_victim(protected, held_too=True)
-            if slot is None:
-                raise NoAdapterSlotError(f"all {self.slots.max_loras} adapter slots are in use by this step")
-            self._evict(slot)
-        start = time.perf_counter()
-        self.slots.load(slot, version.weights)
-        self._stats.slot_loads += 1
-        self._stats.slot_load_seconds += time.perf_counter() - start
-        self._slot_versions[slot] = version
-        self._slot_of[version] = slot
-        self._slot_lru[slot] = None
-        return slot
-
-    def _pick_victim(self, protected: set[AdapterVersion], held_too: bool) -> int | None:
-        """Least recently used slot whose version may go, idle and unpinned ones first; never one in
-        ``protected``, run on by admitted requests, being written or wanted next, and (unless
-        ``held_too``) never one a request holds. None when there is none."""
-        for version, (fill, started) in list(self._fills.items()):
-            if fill is not None and fill.done():  # complete, though no one asked since
-                self._fill_complete(version, started)
-        best: tuple[bool, bool, int] | None = None
-        victim = None
-        for order, s in enumerate(self._slot_lru):
-            v = self._slot_versions[s]
-            assert v is not None
-            if v in protected or v.active or v in self._fills or v in self._wanted or (v.refcount and not held_too):
-                continue
-            rank = (v.refcount > 0, v.pinned, order)
-            if best is None or rank < best:
-                best, victim = rank, s
-        return victim
-
-    def _evict(self, slot: int) -> None:
-        evicted = self._slot_versions[slot]
-        assert evicted is not None
-        del self._slot_of[evicted]
-        self._free_slot(slot)
-        self._stats.slot_evictions += 1
-
     def _info(self, version: AdapterVersion) -> AdapterInfo:
-        if version in self._slot_of:
+        if version in self._slots:
             state = AdapterState.RESIDENT
         elif version.weights is not None:
             state = AdapterState.CACHED
