@@ -61,6 +61,7 @@ class AdapterLoader:
                 return
             if version.weights is None:
                 self._reading.add(version)
+                self.registry.begin_load(version)
                 self._submit(lambda: self._read(version))
                 return
         slot = self.registry.claim_slot(version)
@@ -116,11 +117,12 @@ class AdapterLoader:
 
     def _read(self, version: AdapterVersion) -> None:
         try:
-            if version.weights is None:
+            if version.weights is None and (version.refcount or not version.unloaded):
                 self.registry.load_weights(version)
         except Exception as exc:
             self._fail(version, exc)
         finally:
+            self.registry.end_load(version)
             with self._progress:
                 self._reading.discard(version)
                 self._progress.notify_all()

@@ -278,16 +278,20 @@ class AdapterRegistry:
             self._slots.written(version, fill, seconds)
             self._end_load(version)
 
-    def load_weights(self, version: AdapterVersion) -> None:
-        """Re-reads a held version's evicted weights from its source (no lock held; may take long),
-        counted as a load in flight. Raises ``AdapterLoadError`` (the files changed or are refused)."""
+    def begin_load(self, version: AdapterVersion) -> None:
+        """A background load of ``version`` is queued: it counts as in flight, and the version is not
+        freed before ``end_load``."""
         with self._lock:
             version.loads += 1
-        try:
-            self._reload(version)
-        finally:
-            with self._lock:
-                self._end_load(version)
+
+    def end_load(self, version: AdapterVersion) -> None:
+        with self._lock:
+            self._end_load(version)
+
+    def load_weights(self, version: AdapterVersion) -> None:
+        """Re-reads a held version's evicted weights from its source (no lock held; may take long).
+        Raises ``AdapterLoadError`` (the files changed or are refused)."""
+        self._reload(version)
 
     def set_active(self, version: AdapterVersion, delta: int) -> None:
         """An admitted request starts (+1) or stops (-1) running on ``version``."""

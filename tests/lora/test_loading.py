@@ -379,6 +379,33 @@ def test_offline_generate_raises_the_load_error_and_stays_usable(world: dict[str
     assert_no_leaks(llm.engine)
 
 
+def test_abort_and_unload_while_its_load_is_queued(world: dict[str, Any]) -> None:
+    llm = make_llm(world, max_cpu_loras=1, adapter_load_threads=1)
+    evict_from_host(llm, ["a", "b", "c"])
+    engine, reg = llm.engine, llm.engine.adapters
+    source = slow_source(llm, names={"b"})
+    source.gate.clear()  # b's read holds the one loader thread; a's waits behind it
+    engine.add_request(EngineRequest("on-b", prompt_token_ids=PROMPTS[1], params=greedy(3), adapter="b"))
+    engine.add_request(EngineRequest("on-a", prompt_token_ids=PROMPTS[0], params=greedy(3), adapter="a"))
+    version = engine.scheduler.waiting[1].adapter
+    engine.abort("on-a")
+    reg.unregister("a")  # retired, no request holds it: freed once its queued load is done, not before
+    counts = reg.counts()
+    assert (counts.loads_in_flight, counts.retired_versions) == (2, 1) and reg.consistency_errors() == []
+    source.gate.set()
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    deadline = time.monotonic() + 5
+    while reg.counts().loads_in_flight:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert tokens == expected(world, PROMPTS[1], "b", 3) and source.reads == ["b"]  # a was never read
+    assert version.weights is None and reg.slot_of(version) is None
+    assert reg.counts().retired_versions == 0 and reg.consistency_errors() == []
+    assert_no_leaks(engine)
+
+
 # ---- thousands of adapters ---------------------------------------------------------------------------
 
 @pytest.mark.slow
