@@ -252,7 +252,6 @@ class LLMEngine:
         s.adapter_cpu_lookups, s.adapter_cpu_hits = c.cpu_lookups, c.cpu_hits
         s.adapter_loads_in_flight = c.loads_in_flight
         s.adapter_load_times = tuple((stage, *hist) for stage, hist in sorted(c.load_times.items()))
-        s.resident_adapters = tuple(a.name for a in self.adapters.list() if a.state is AdapterState.RESIDENT)
         self._update_residency(c)
 
     def _update_residency(self, c: Any) -> None:
@@ -262,8 +261,10 @@ class LLMEngine:
         if key != self._residency_key and self.adapters is not None:
             self._residency_key = key
             levels = {"resident": "gpu", "cached": "cpu", "registered": "disk"}
+            infos = self.adapters.list()
             self.stats.adapter_residency = tuple(AdapterResidency(a.name, levels[str(a.state)], a.pinned, a.rank)
-                                                 for a in self.adapters.list())
+                                                 for a in infos)
+            self.stats.resident_adapters = tuple(a.name for a in infos if a.state is AdapterState.RESIDENT)
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix block no request holds (call on the step thread); False when
