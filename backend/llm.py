@@ -58,6 +58,8 @@ class LLM:
             while any(s.request_id in self.engine.seqs for s in seqs):
                 for out in self.engine.step():
                     deltas[out.request_id].append(out)
+                for _rid, error in self.engine.take_failures():  # an adapter failed to load
+                    raise error
         except BaseException:  # KeyboardInterrupt and timeouts too: leave the engine usable
             self._abort_all(seqs)
             raise

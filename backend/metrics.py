@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from loraplex.backend.engine.stats import EngineStats
 from loraplex.backend.metrics_vllm import ITL_BUCKETS, LATENCY_BUCKETS, VllmFamilies, VllmRequestMetrics
 from loraplex.backend.outputs import RequestOutput
+from loraplex.lora.types import LOAD_BUCKETS
 
 log = logging.getLogger("loraplex.metrics")
 
@@ -40,6 +41,12 @@ _GAUGES = (
     ("lora_slots", "GPU adapter slots", "lora_slots_total"),
     ("lora_slots_used", "GPU adapter slots holding an adapter", "lora_slots_used"),
     ("engine_loop_alive", "1 while the engine's step loop runs", "loop_alive"),
+    ("lora_loads_in_flight", "Adapters loading in the background (source read or GPU-slot write)",
+     "adapter_loads_in_flight"),
+    ("lora_slot_hit_ratio", "Share of requests on an adapter that found it in a GPU slot on arrival (since start)",
+     "adapter_slot_hit_ratio"),
+    ("lora_cpu_cache_hit_ratio", "Of the requests whose adapter was in no GPU slot on arrival, the share that "
+     "found it in host memory (since start)", "adapter_cpu_hit_ratio"),
 )
 _COUNTERS = (
     ("engine_steps", "Engine steps run", "num_steps"),
@@ -51,6 +58,13 @@ _COUNTERS = (
     ("lora_loads", "Adapter weight loads from their source", "adapter_source_loads"),
     ("lora_load_seconds", "Seconds spent loading adapter weights from their source", "adapter_source_load_seconds"),
     ("lora_evictions", "Adapters evicted from GPU slots", "adapter_slot_evictions"),
+    ("lora_slot_lookups", "Requests on an adapter, looked up in the GPU slots on arrival", "adapter_slot_lookups"),
+    ("lora_slot_hits", "Requests whose adapter was in a GPU slot on arrival", "adapter_slot_hits"),
+    ("lora_cpu_cache_lookups", "Requests whose adapter was in no GPU slot on arrival", "adapter_cpu_lookups"),
+    ("lora_cpu_cache_hits", "Requests whose adapter was in no GPU slot but in host memory on arrival",
+     "adapter_cpu_hits"),
+    ("lora_admissions_overdue", "Requests passed over past max_admission_bypass or max_admission_wait while "
+     "their adapter loaded (then admitted before anyone behind them)", "adapter_admissions_overdue"),
 )
 
 
@@ -97,6 +111,7 @@ def _adapter_metrics(s: EngineStats, model: str) -> Iterator[Metric]:
                          ("registered", s.adapters_registered)):
         states.add_metric([model, state], float(count))
     yield states
+    yield _load_times(s, model)
     live = live_adapters(s)
     for name, doc, counts in (("loraplex_lora_requests", "Requests admitted per adapter", s.requests_by_adapter),
                               ("loraplex_lora_generation_tokens", "Tokens generated per adapter",
@@ -106,6 +121,19 @@ def _adapter_metrics(s: EngineStats, model: str) -> Iterator[Metric]:
             if not adapter or adapter in live:
                 family.add_metric([model, adapter or "base"], float(count))
         yield family
+
+
+def _load_times(s: EngineStats, model: str) -> Metric:
+    family = HistogramMetricFamily("loraplex_lora_adapter_load_duration_seconds", "Background adapter loads: "
+                                   "stage source = files into host memory, slot = host memory into a GPU slot",
+                                   labels=[MODEL, "stage"])
+    for stage, counts, total in s.adapter_load_times:
+        cumulative, running = [], 0
+        for bound, count in zip([*LOAD_BUCKETS, float("inf")], counts, strict=True):
+            running += count
+            cumulative.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        family.add_metric([model, stage], cumulative, sum_value=total)
+    return family
 
 
 class Metrics:

@@ -11,10 +11,15 @@ submitted at once (one ``generate`` call). Cases:
                model's byte-level tokenizer, so that JSON can be spelled), same run
   tp           Llama-3-8B shape, 32 x 128 in / 128 out at tensor_parallel_size 1 and 2, base and with
                32 distinct adapters (skipped with fewer than 2 GPUs; the TP-2 floor is the TP-1 floor / 2)
+  lora_many    Qwen3-0.6B shape, 1000 registered rank-16 adapters, 512 x 128/128 drawn Zipf(1), max_loras 64,
+               vs the same run over 64 adapters all resident; slot and CPU-cache hit rates (bench/lora_residency.py)
+  lora_loads   Llama-3-8B shape, 32 streams decoding while 50 new rank-16 adapters (on disk only) get one
+               request each, one after another: p50 request -> first token, streams' p99 ITL vs without loads
 Floor: weights + live K/V (+ distinct adapters' A/B) read once per decode step at the copy
 bandwidth measured in this run, plus prefill FLOPs at the measured matmul rate (bench/floors.py).
 Prints a table and one JSON line; writes bench/results/engine_throughput.json (and $OUT/ when set).
 Usage: python bench/engine_throughput.py [--tiny] [--cases decode1,b32,...] [--profile]
+(--tiny: a CPU smoke of the script and of the lora_many / lora_loads cases at toy sizes; no figures)
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 import floors  # noqa: E402
+import lora_residency  # noqa: E402
 
 QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936)
@@ -47,7 +53,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "structured", "llama8b", "tp")
+ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "structured", "llama8b", "tp", "lora_many", "lora_loads")
 # 40+ strings: at least 130 bytes, so every constrained request runs its whole 128 tokens
 STRUCTURED_SCHEMA = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string"},
                                                                 "minItems": 40}},
@@ -194,25 +200,40 @@ def profile_steps(llm, prompts, params, names) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="a CPU smoke test of the script itself")
+    ap.add_argument("--tiny", action="store_true", help="a CPU smoke test of the script itself (and of "
+                    "lora_many / lora_loads at toy sizes when --cases names them; no figures)")
     ap.add_argument("--cases", default=",".join(ALL_CASES))
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--profile", action="store_true", help="torch.profiler + host timers on the b32 case")
     ap.add_argument("--graphs-only", action="store_true", help="decode1 without its eager twin (short budgets)")
     ap.add_argument("--out", default="engine_throughput.json", help="result file name (bench/results/, $OUT)")
+    ap.add_argument("--many-adapters", type=int, default=1000, help="lora_many: adapters registered")
+    ap.add_argument("--many-files", type=int, default=200, help="lora_many: distinct weight files they share")
+    ap.add_argument("--many-cpu-loras", type=int, default=0, help="lora_many: max_cpu_loras (0 = every adapter)")
+    ap.add_argument("--loads", type=int, default=50, help="lora_loads: new adapters loaded under traffic")
     args = ap.parse_args()
     cases = args.cases.split(",")
     if args.tiny:
-        return smoke()
+        return smoke(cases)
     bw, flops = floors.copy_bandwidth(), floors.matmul_flops()
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "copy_GBps": round(bw / 1e9), "matmul_TFLOPs": round(flops / 1e12)}
     with tempfile.TemporaryDirectory() as tmp:
-        qwen, adapters = write_model(Path(tmp) / "qwen", QWEN3_06B, "cuda", args.adapters if "lora" in cases else 0)
+        n = args.adapters if "lora" in cases else int("lora_many" in cases)
+        qwen, adapters = write_model(Path(tmp) / "qwen", QWEN3_06B, "cuda", n)
         run_qwen_cases(res, qwen, adapters, cases, (bw, flops), args)
         save(res, args.out)
+        if "lora_many" in cases:
+            res["lora_many"] = lora_residency.lora_many(qwen, adapters[0], Path(tmp), False, args.many_adapters,
+                                                        args.many_files, args.many_cpu_loras)
+            save(res, args.out)
+        if "llama8b" in cases or "lora_loads" in cases:
+            llama, templates = write_model(Path(tmp) / "llama", LLAMA3_8B, "cuda", int("lora_loads" in cases),
+                                           arch="llama")
+        if "lora_loads" in cases:
+            res["lora_loads"] = lora_residency.lora_loads(llama, templates[0], Path(tmp), False, args.loads)
+            save(res, args.out)
         if "llama8b" in cases:
-            llama, _ = write_model(Path(tmp) / "llama", LLAMA3_8B, "cuda", 0, arch="llama")
             run = Run(llama, LLAMA3_8B, (bw, flops), max_num_seqs=1, enable_lora=False, max_model_len=2048)
             res["llama8b_decode1"] = run.measure(1, 16, 256)
             run.close()
@@ -303,8 +324,9 @@ def report(res: dict, name: str) -> None:
     save(res, name)
 
 
-def smoke() -> None:
-    """CPU: the script's model writing and engine path on a tiny model (no figures)."""
+def smoke(cases: list[str]) -> None:
+    """CPU: the script's model writing and engine path on a tiny model, and the adapter residency cases
+    at toy sizes (no figures; prints their result as one JSON line, saves nothing)."""
     from loraplex import LLM, SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,7 +336,14 @@ def smoke() -> None:
         outs = llm.generate([[1, 2, 3]] * 4, SamplingParams(temperature=0, max_tokens=4, min_tokens=4,
                                                             ignore_eos=True), adapters=[None, "a0", None, "a0"])
         assert all(len(o.token_ids) == 4 for o in outs)
+        del llm
+        res: dict = {}
+        if "lora_many" in cases:
+            res["lora_many"] = lora_residency.lora_many(model, adapters[0], Path(tmp), True)
+        if "lora_loads" in cases:
+            res["lora_loads"] = lora_residency.lora_loads(model, adapters[0], Path(tmp), True)
         print("smoke ok")
+        print(json.dumps(res))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ and host weights until its last request releases it; then both are freed. Host m
 of ``max_cpu_loras`` versions that never evicts a version with running requests, in a slot, or
 pinned (so the limit is soft); an evicted version is re-read from its source on next use, and
 refused if the files changed since. ``pinned`` also makes a slot the last choice for eviction.
+
+Host copies are kept in the slot dtype, pinned when the slots are on CUDA (``LoRASlots.host_copy``).
+Two ways into a slot: ``ensure_resident`` places and writes synchronously (the caller's stream
+sees the write), and the background path of ``lora.loader`` (``claim_slot`` reserves a slot,
+``write_slot`` writes it without waiting, ``slot_status`` says when steps may read it; a version
+is ``active`` while admitted requests run on it, and its slot is then never evicted).
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from loraplex.errors import (
     NoAdapterSlotError,
 )
 from loraplex.lora.peft import BaseModelSpec, LoRAWeights, check_magnitudes, load_peft_adapter
+from loraplex.lora.slot_table import SlotTable
 from loraplex.lora.slots import LoRASlots
-from loraplex.lora.types import AdapterInfo, AdapterState
+from loraplex.lora.types import AdapterInfo, AdapterState, LoadTimes, SlotStatus
 
 Loader = Callable[[str, str, BaseModelSpec, LoRAConfig, str | None], LoRAWeights]
 _DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -71,8 +78,10 @@ class AdapterVersion:
     fingerprint: str  # identity of the files read; checked on reload from source
     trusted: bool  # its source came from the operator (demo, preload): not confined to the roots
     weights: LoRAWeights | None = None  # None: evicted from host memory
-    refcount: int = 0  # running requests holding this version
+    refcount: int = 0  # requests holding this version (waiting or running)
     unloaded: bool = False  # retired: no longer the current version of its name
+    active: int = 0  # admitted requests running on it: its slot is never evicted
+    loads: int = 0  # background loads of it in flight (source read or slot write): it is not freed meanwhile
 
     @property
     def key(self) -> tuple[str, int]:
@@ -97,6 +106,12 @@ class RegistryCounts:
     source_loads: int = 0  # file reads (register, first use, reload after host eviction)
     source_load_seconds: float = 0.0
     cpu_evictions: int = 0  # host-cache evictions (weights dropped)
+    slot_lookups: int = 0  # requests with an adapter, looked up on arrival
+    slot_hits: int = 0  # ... whose version was in a GPU slot
+    cpu_lookups: int = 0  # ... whose version was in no slot
+    cpu_hits: int = 0  # ... of those, with weights in host memory
+    loads_in_flight: int = 0  # versions with a background load in flight
+    load_times: dict[str, tuple[tuple[int, ...], float]] = field(default_factory=dict)  # stage -> histogram
     running_by_adapter: dict[str, int] = field(default_factory=dict)
 
 
@@ -111,7 +126,8 @@ class AdapterRegistry:
 
     def __init__(self, cfg: LoRAConfig, base: BaseModelSpec, slots: LoRASlots, loader: Loader = load_peft_adapter,
                  builtin_roots: tuple[str, ...] = ()):
-        self.cfg, self.base, self.slots, self._loader = cfg, base, slots, loader
+        self.cfg, self.base, self.slots = cfg, base, slots
+        self.read_source = loader  # reads and validates one adapter from its source (tests may wrap it)
         # what requests may load: the configured roots, adapter_dir and the built-in adapters
         roots = [*cfg.adapter_roots, *([cfg.adapter_dir] if cfg.adapter_dir else []), *builtin_roots]
         self._confined = dataclasses.replace(cfg, adapter_roots=roots)
@@ -121,11 +137,10 @@ class AdapterRegistry:
         self._last_version: dict[str, int] = {}
         self._retired: set[AdapterVersion] = set()
         self._cpu: OrderedDict[AdapterVersion, None] = OrderedDict()  # LRU, oldest first
-        self._slot_versions: list[AdapterVersion | None] = [None] * slots.max_loras
-        self._slot_of: dict[AdapterVersion, int] = {}
-        self._slot_lru: OrderedDict[int, None] = OrderedDict()  # occupied slots, oldest use first
+        self._slots = SlotTable(slots)  # the GPU tier, guarded by self._lock
         self._stats = RegistryCounts(lora_slots_total=slots.max_loras)
         self._loading: dict[str, int] = {}  # names whose files are being read now -> readers
+        self._source_times = LoadTimes()
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -153,11 +168,12 @@ class AdapterRegistry:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def acquire(self, name: str) -> AdapterVersion:
+    def acquire(self, name: str, read: bool = True) -> AdapterVersion:
         """Pins the current version of ``name`` for a new request (refcount + 1).
 
-        May read files: registers ``cfg.adapter_dir/name`` on first use, or re-reads evicted weights
-        from the source. Raises ``AdapterNotFoundError`` or ``AdapterLoadError``.
+        May read files: registers ``cfg.adapter_dir/name`` on first use, and (if ``read``) re-reads
+        evicted weights from the source; without ``read`` they stay at the source for the background
+        loader. Raises ``AdapterNotFoundError`` or ``AdapterLoadError``.
         """
         with self._lock:
             version = self._current.get(name)
@@ -165,7 +181,7 @@ class AdapterRegistry:
                 version.refcount += 1
         if version is None:
             version = self._first_use(name)
-        if version.weights is None:
+        if version.weights is None and read:
             try:
                 self._reload(version)
             except BaseException:
@@ -181,7 +197,7 @@ class AdapterRegistry:
             version.refcount -= 1
             if version.refcount == 0:
                 if version.unloaded:
-                    self._drop(version)
+                    self._drop_if_free(version)
                 else:
                     self._trim_cpu()
 
@@ -204,18 +220,89 @@ class AdapterRegistry:
             for version in wanted:
                 if version.weights is None:
                     raise ValueError(f"adapter {version.key} has no weights in host memory: acquire it first")
-                slot = self._slot_of.get(version)
-                if slot is None:
-                    slot = self._place(version, protected)
-                self._slot_lru.move_to_end(slot)
+                slots = self._slots
+                out[version] = slots.use(version) if version in slots else slots.place(version, protected)
                 self._touch(version)
-                out[version] = slot
             return out
 
     def slot_of(self, version: AdapterVersion) -> int | None:
         """The slot holding ``version``, or None."""
         with self._lock:
-            return self._slot_of.get(version)
+            return self._slots.slot_of(version)
+
+    # -- background loading (lora.loader drives these) -----------------------------------------
+
+    def lookup(self, version: AdapterVersion) -> None:
+        """Counts a request's adapter on arrival: a slot hit, else a host-cache hit or a miss."""
+        with self._lock:
+            s = self._stats
+            s.slot_lookups += 1
+            if version in self._slots:
+                s.slot_hits += 1
+            else:
+                s.cpu_lookups += 1
+                s.cpu_hits += version.weights is not None
+
+    def slot_status(self, version: AdapterVersion) -> SlotStatus:
+        """Whether steps may read ``version``'s slot (READY), or how far its write is."""
+        with self._lock:
+            return self._slots.status(version)
+
+    def claim_slot(self, version: AdapterVersion) -> int | None:
+        """Reserves a slot for ``version`` (weights in host memory, in no slot yet) and counts a load in
+        flight until ``write_slot``; None when no slot can be taken now.
+
+        The victim is the least recently used version that no admitted request runs on, no write is
+        filling and the scheduler does not want next; a wanted version may evict versions that only
+        waiting requests hold, others only versions nobody holds (``SlotTable``).
+        """
+        with self._lock:
+            if version in self._slots or version.weights is None:
+                return None
+            slot = self._slots.claim(version)
+            if slot is not None:
+                version.loads += 1
+            return slot
+
+    def write_slot(self, version: AdapterVersion, slot: int) -> None:
+        """Writes a slot from ``claim_slot`` without waiting (call with no lock held; the claim keeps the
+        slot and the weights). On error the slot is given up and the error raised."""
+        try:
+            fill, seconds = self._slots.write(version, slot)
+        except BaseException:
+            with self._lock:
+                self._slots.abandon(version)
+                self._end_load(version)
+            raise
+        with self._lock:
+            self._slots.written(version, fill, seconds)
+            self._end_load(version)
+
+    def begin_load(self, version: AdapterVersion) -> None:
+        """A background load of ``version`` is queued: it counts as in flight, and the version is not
+        freed before ``end_load``."""
+        with self._lock:
+            version.loads += 1
+
+    def end_load(self, version: AdapterVersion) -> None:
+        with self._lock:
+            self._end_load(version)
+
+    def load_weights(self, version: AdapterVersion) -> None:
+        """Re-reads a held version's evicted weights from its source (no lock held; may take long).
+        Raises ``AdapterLoadError`` (the files changed or are refused)."""
+        self._reload(version)
+
+    def set_active(self, version: AdapterVersion, delta: int) -> None:
+        """An admitted request starts (+1) or stops (-1) running on ``version``."""
+        with self._lock:
+            version.active += delta
+
+    def set_wanted(self, versions: Iterable[AdapterVersion]) -> None:
+        """The versions of the requests the scheduler admits next: their slots are kept, and they may
+        evict versions that only waiting requests hold."""
+        with self._lock:
+            self._slots.wanted = set(versions)
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -234,7 +321,7 @@ class AdapterRegistry:
     def resident_names(self) -> builtins.list[str]:
         """Names with a version in a GPU slot (retired versions still running included), sorted."""
         with self._lock:
-            return sorted({v.name for v in self._slot_of})
+            return sorted({v.name for v in self._slots.holders()})
 
     def loading_names(self) -> builtins.list[str]:
         """Names whose files are being read right now (load, first use, reload), sorted."""
@@ -246,11 +333,16 @@ class AdapterRegistry:
         with self._lock:
             stats = dataclasses.replace(self._stats, running_by_adapter={})
             current = self._current.values()
-            stats.lora_slots_used = len(self._slot_of)
-            stats.adapters_resident = sum(v in self._slot_of for v in current)
-            stats.adapters_cached = sum(v in self._cpu and v not in self._slot_of for v in current)
+            slots = self._slots
+            stats.slot_loads, stats.slot_load_seconds, stats.slot_evictions = (slots.loads, slots.load_seconds,
+                                                                               slots.evictions)
+            stats.lora_slots_used = sum(1 for _ in slots.holders())
+            stats.adapters_resident = sum(v in slots for v in current)
+            stats.adapters_cached = sum(v in self._cpu and v not in slots for v in current)
             stats.adapters_registered = len(self._current)
             stats.retired_versions = len(self._retired)
+            stats.loads_in_flight = sum(v.loads > 0 for v in [*current, *self._retired])
+            stats.load_times = {"source": self._source_times.frozen(), "slot": slots.times.frozen()}
             for v in [*current, *self._retired]:
                 if v.refcount:
                     stats.running_by_adapter[v.name] = stats.running_by_adapter.get(v.name, 0) + v.refcount
@@ -259,19 +351,14 @@ class AdapterRegistry:
     def consistency_errors(self) -> builtins.list[str]:
         """Broken invariants (empty when consistent); for tests and debugging."""
         with self._lock:
-            errors = []
-            for slot, v in enumerate(self._slot_versions):
-                if v is not None and (self._slot_of.get(v) != slot or v.weights is None or slot not in self._slot_lru):
-                    errors.append(f"slot {slot}: {v.key} inconsistent")
-                if v is None and (slot in self._slot_lru or self.slots.ranks[slot]):
-                    errors.append(f"slot {slot}: free but marked used")
+            errors = self._slots.errors()
             for v in self._cpu:
                 if v.weights is None:
                     errors.append(f"{v.key}: in host cache without weights")
             live = set(self._current.values()) | self._retired
-            errors += [f"{v.key}: held but not live" for v in [*self._slot_of, *self._cpu] if v not in live]
+            errors += [f"{v.key}: held but not live" for v in [*self._slots.holders(), *self._cpu] if v not in live]
             errors += [f"{v.key}: retired flag/refcount wrong" for v in self._retired
-                       if not v.unloaded or v.refcount <= 0]
+                       if not v.unloaded or (v.refcount <= 0 and v.loads <= 0)]
             errors += [f"{v.key}: current but unloaded" for v in self._current.values() if v.unloaded]
             return errors
 
@@ -321,16 +408,19 @@ class AdapterRegistry:
         with self._lock:
             self._loading[name] = self._loading.get(name, 0) + 1
         try:
-            weights = self._loader(name, source, self.base, cfg, revision)
+            weights = self.read_source(name, source, self.base, cfg, revision)
             check_magnitudes(weights, self.slots.dtype)
+            weights = self.slots.host_copy(weights)
         finally:
             with self._lock:
                 self._loading[name] -= 1
                 if not self._loading[name]:
                     del self._loading[name]
         with self._lock:
+            seconds = time.perf_counter() - start
             self._stats.source_loads += 1
-            self._stats.source_load_seconds += time.perf_counter() - start
+            self._stats.source_load_seconds += seconds
+            self._source_times.observe(seconds)
         return weights
 
     def _first_use(self, name: str) -> AdapterVersion:
@@ -377,69 +467,44 @@ class AdapterRegistry:
 
     def _retire(self, version: AdapterVersion) -> None:
         version.unloaded = True
-        if version.refcount == 0:
+        self._retired.add(version)
+        self._drop_if_free(version)
+
+    def _drop_if_free(self, version: AdapterVersion) -> None:
+        """Frees a retired version no request holds and no load uses."""
+        if version.unloaded and version.refcount == 0 and version.loads == 0:
             self._drop(version)
-        else:
-            self._retired.add(version)
+
+    def _end_load(self, version: AdapterVersion) -> None:
+        version.loads -= 1
+        self._drop_if_free(version)
+        self._trim_cpu()
 
     def _drop(self, version: AdapterVersion) -> None:
         """Frees a retired version's slot and host weights."""
-        slot = self._slot_of.pop(version, None)
-        if slot is not None:
-            self._free_slot(slot)
-            self.slots.clear(slot)
+        self._slots.free(version)
         self._cpu.pop(version, None)
         self._retired.discard(version)
         version.weights = None
 
-    def _free_slot(self, slot: int) -> None:
-        self._slot_versions[slot] = None
-        self._slot_lru.pop(slot, None)
-
     def _trim_cpu(self) -> None:
         """Evicts least recently used host weights past ``max_cpu_loras`` (idle, unslotted, unpinned only)."""
         excess = len(self._cpu) - self.cfg.max_cpu_loras
-        for version in [v for v in self._cpu if not (v.refcount or v.pinned or v in self._slot_of)][:max(excess, 0)]:
+        if excess <= 0:
+            return
+        victims = []
+        for v in self._cpu:  # oldest first; stops at the excess, so a cache of thousands costs little
+            if not (v.refcount or v.pinned or v.loads or v in self._slots):
+                victims.append(v)
+                if len(victims) == excess:
+                    break
+        for version in victims:
             del self._cpu[version]
             version.weights = None
             self._stats.cpu_evictions += 1
 
-    def _place(self, version: AdapterVersion, protected: set[AdapterVersion]) -> int:
-        """Loads ``version`` into a free slot, or evicts the best victim outside ``protected``."""
-        assert version.weights is not None
-        self.slots.check(version.weights)
-        slot = next((s for s, v in enumerate(self._slot_versions) if v is None), None)
-        if slot is None:
-            slot = self._victim(protected)
-            evicted = self._slot_versions[slot]
-            assert evicted is not None
-            del self._slot_of[evicted]
-            self._free_slot(slot)
-            self._stats.slot_evictions += 1
-        start = time.perf_counter()
-        self.slots.load(slot, version.weights)
-        self._stats.slot_loads += 1
-        self._stats.slot_load_seconds += time.perf_counter() - start
-        self._slot_versions[slot] = version
-        self._slot_of[version] = slot
-        self._slot_lru[slot] = None
-        return slot
-
-    def _victim(self, protected: set[AdapterVersion]) -> int:
-        """Least recently used slot outside ``protected``, idle and unpinned ones first."""
-        order = {s: i for i, s in enumerate(self._slot_lru)}
-        candidates = [s for s in self._slot_lru if self._slot_versions[s] not in protected]
-        if not candidates:
-            raise NoAdapterSlotError(f"all {self.slots.max_loras} adapter slots are in use by this step")
-
-        def rank(s: int) -> tuple[bool, bool, int]:
-            v = self._slot_versions[s]
-            assert v is not None
-            return (v.refcount > 0, v.pinned, order[s])
-        return min(candidates, key=rank)
-
     def _info(self, version: AdapterVersion) -> AdapterInfo:
-        if version in self._slot_of:
+        if version in self._slots:
             state = AdapterState.RESIDENT
         elif version.weights is not None:
             state = AdapterState.CACHED

@@ -11,10 +11,20 @@ modules ``m_0..m_{n-1}``, output sizes ``out_i``, offsets ``off_i = sum(out_0..o
 and zeros everywhere else (rows past the rank, modules the adapter does not target, free
 slots), so for token x in slot s the delta of module i is
 ``scales[s] * (x @ lora_a[s, i*R:(i+1)*R].T) @ lora_b[s, off_i:off_i+out_i].T``.
+
+On CUDA every write to a slot (fill, clear) runs on one side stream, after the work already
+enqueued on the compute stream (the default stream, where steps run), so a slot is never
+rewritten under a step still reading its previous adapter; ``fill`` returns at once with the
+event recorded after its copies, and a step that reads the slot first waits on that event
+(``SlotFill.order_before``). Host copies (``host_copy``) are in the slot dtype and in pinned
+memory, so the copies are asynchronous DMA. On CPU the same calls write synchronously.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +51,22 @@ class LoRATarget:
         return [sum(self.out_slices[:i]) for i in range(len(self.out_slices))]
 
 
+class SlotFill:
+    """A slot write: complete on return on CPU; on CUDA enqueued, with the event recorded after it."""
+
+    def __init__(self, event: torch.cuda.Event | None = None):
+        self.event = event
+
+    def done(self) -> bool:
+        """The write has completed (never blocks)."""
+        return self.event is None or bool(self.event.query())
+
+    def order_before(self) -> None:
+        """Work enqueued on the current stream from now on runs after the write (no host wait)."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+
 class LoRASlots:
     """Stacked per-slot LoRA buffers for every target, plus one scale per slot."""
 
@@ -63,6 +89,9 @@ class LoRASlots:
                 self._by_module[(t.layer, module)] = (t, i)
         self.scales = torch.zeros(max_loras, dtype=torch.float32, device=device)  # [max_loras]
         self.ranks = [0] * max_loras  # rank of the adapter in each slot; 0 = empty
+        cuda = self.device.type == "cuda"
+        self._compute = torch.cuda.current_stream(self.device) if cuda else None  # where steps run
+        self._fill_stream = torch.cuda.Stream(self.device) if cuda else None
 
     def buffers(self, layer: int, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lora_a [max_loras, n*R, in], lora_b [max_loras, sum(out_slices), R])`` of one target."""
@@ -86,14 +115,60 @@ class LoRASlots:
                                                f"not fit the slot (in={t.in_features}, out={t.out_slices[i]}, "
                                                f"max rank {self.max_rank})")
 
-    def load(self, slot: int, w: LoRAWeights) -> None:
-        """Writes adapter ``w`` into ``slot`` (zeroed first) and sets its scale.
+    def host_copy(self, w: LoRAWeights) -> LoRAWeights:
+        """``w`` as the host cache keeps it: in the slot dtype, every tensor a view of one flat buffer,
+        pinned when the slots are on CUDA (so that fills are asynchronous copies)."""
+        pin = self.device.type == "cuda"
+        if not pin and all(a.dtype == self.dtype for pair in w.weights.values() for a in pair):
+            return w
+        flat = torch.empty(sum(a.numel() + b.numel() for a, b in w.weights.values()), dtype=self.dtype,
+                           pin_memory=pin)
+        weights, offset = {}, 0
+        for key, pair in w.weights.items():
+            views = []
+            for t in pair:
+                view = flat[offset:offset + t.numel()].view(t.shape)
+                view.copy_(t)
+                views.append(view)
+                offset += t.numel()
+            weights[key] = (views[0], views[1])
+        return dataclasses.replace(w, weights=weights, nbytes=flat.nbytes)
 
-        Checks everything before touching the slot, so a refused adapter leaves it as it was.
-        Host-to-device copies are ``non_blocking``; pinned host memory makes them asynchronous.
+    def fill(self, slot: int, w: LoRAWeights) -> SlotFill:
+        """Writes adapter ``w`` into ``slot`` (zeroed first) and sets its scale, without waiting.
+
+        On CUDA the copies go on the fill stream after the compute stream's work so far; the result's
+        event marks their end. Elsewhere this is ``load``. Refused weights leave the slot as it was.
         """
+        if self.device.type != "cuda":
+            self.load(slot, w)
+            return SlotFill()
         self.check(w)
-        self.clear(slot)  # checks the slot index
+        self._check_slot(slot)
+        with self._on_fill_stream() as fill:
+            self._zero(slot)
+            self._copy(slot, w)
+        return fill
+
+    def load(self, slot: int, w: LoRAWeights) -> None:
+        """Writes adapter ``w`` into ``slot`` (zeroed first) and sets its scale; work enqueued later on
+        the current stream sees the whole write. Checks everything before touching the slot, so a
+        refused adapter leaves it as it was."""
+        if self.device.type == "cuda":
+            self.fill(slot, w).order_before()
+            return
+        self.check(w)
+        self._check_slot(slot)
+        self._zero(slot)
+        self._copy(slot, w)
+
+    def clear(self, slot: int) -> None:
+        """Zeroes ``slot`` in every buffer and its scale (on CUDA on the fill stream, after any fill)."""
+        self._check_slot(slot)
+        with self._on_fill_stream():
+            self._zero(slot)
+
+    def _copy(self, slot: int, w: LoRAWeights) -> None:
         R = self.max_rank
         for (layer, module), (a, b) in w.weights.items():
             t, i = self._by_module[(layer, module)]
@@ -104,15 +179,30 @@ class LoRASlots:
         self.scales[slot] = w.scale
         self.ranks[slot] = w.rank
 
-    def clear(self, slot: int) -> None:
-        """Zeroes ``slot`` in every buffer and its scale."""
-        if not 0 <= slot < self.max_loras:
-            raise IndexError(f"slot {slot} out of range [0, {self.max_loras})")
+    def _zero(self, slot: int) -> None:
         for _t, lora_a, lora_b in self._by_key.values():
             lora_a[slot].zero_()
             lora_b[slot].zero_()
         self.scales[slot] = 0.0
         self.ranks[slot] = 0
+
+    @contextmanager
+    def _on_fill_stream(self) -> Iterator[SlotFill]:
+        """CUDA: the body's work goes on the fill stream, after the compute stream's work so far, and the
+        yielded fill gets the event recorded after it. Elsewhere the body simply runs."""
+        fill = SlotFill()
+        if self._fill_stream is None or self._compute is None:
+            yield fill
+            return
+        self._fill_stream.wait_stream(self._compute)
+        with torch.cuda.stream(self._fill_stream):
+            yield fill
+            fill.event = torch.cuda.Event(blocking=True)
+            fill.event.record(self._fill_stream)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_loras:
+            raise IndexError(f"slot {slot} out of range [0, {self.max_loras})")
 
 
 def targets_from_spec(num_layers: int, module_shapes: dict[str, tuple[int, int]]) -> list[LoRATarget]:

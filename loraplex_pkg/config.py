@@ -74,6 +74,10 @@ class SchedulerConfig(_Validated):
     enable_chunked_prefill: bool = opt(True, "split long prompts over several steps")
     async_scheduling: bool = opt(True, "launch step N+1 before processing step N's tokens when they can stay on "
                                        "the GPU (greedy rows), so host work overlaps device work")
+    max_admission_bypass: int = opt(64, "admissions that may pass a request waiting for its adapter to load; "
+                                        "then no one behind it is admitted before it", lo=0)
+    max_admission_wait: float = opt(5.0, "seconds a request may wait for its adapter to load while others pass it; "
+                                         "then no one behind it is admitted before it", lo=0.0)
 
 
 @dataclass
@@ -81,7 +85,10 @@ class LoRAConfig(_Validated):
     enable_lora: bool = opt(True, "allow LoRA adapters")
     max_loras: int = opt(8, "GPU adapter slots: most distinct adapters in one step", lo=1, hi=1024)
     max_lora_rank: int = opt(64, "largest adapter rank accepted (slots are padded to it)", lo=1, hi=1024)
-    max_cpu_loras: int = opt(64, "adapters kept in host memory (LRU)", lo=1)
+    max_cpu_loras: int = opt(64, "adapters kept in host memory (LRU by last use; pinned memory on CUDA); "
+                                 "thousands are fine, the rest are re-read from their source when needed", lo=1)
+    adapter_load_threads: int = opt(2, "threads that read adapter files and write GPU slots in the background",
+                                    lo=1, hi=64)
     adapter_roots: list[str] = opt(list, "directories local adapter sources must resolve inside, besides "
                                          "adapter_dir and the built-in demo adapters; empty = only those",
                                    factory=True)

@@ -4,6 +4,8 @@
 - ``make_tiny_model(arch, out_dir=None)``: random weights from that config, saved if asked.
 - ``make_peft_adapter(base, out_dir, r, alpha, targets)``: ``peft.get_peft_model(...).save_pretrained``
   with random A and B (``init_lora_weights=False``), so the adapter changes the output.
+- ``clone_peft_adapter(dir, out_dir, seed)``: a copy of a saved adapter with fresh random A and B
+  (same keys, shapes and config): many distinct real adapters without a PEFT model each.
 - ``edit_adapter_config(dir, **changes)``: rewrite fields of a saved ``adapter_config.json``.
 - ``peft_lora_weights(dir, base)``: PEFT's own view of the saved adapter (A, B, scaling per module).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,21 @@ def make_peft_adapter(base_dir_or_model: str | Path | PreTrainedModel, out_dir: 
         peft_model = get_peft_model(model, config)
     out = Path(out_dir)
     peft_model.save_pretrained(str(out))
+    return out
+
+
+def clone_peft_adapter(adapter_dir: str | Path, out_dir: str | Path, seed: int) -> Path:
+    """Writes a copy of the PEFT adapter at ``adapter_dir`` whose every tensor is redrawn (normal, the
+    original tensor's standard deviation); returns ``out_dir``. PEFT loads it like the original."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(adapter_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "adapter_config.json", out / "adapter_config.json")
+    g = torch.Generator().manual_seed(seed)
+    tensors = {key: (torch.randn(t.shape, generator=g) * t.float().std()).to(t.dtype)
+               for key, t in sorted(load_file(str(src / "adapter_model.safetensors")).items())}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
 
 

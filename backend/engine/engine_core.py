@@ -145,8 +145,12 @@ class EngineCore:
         for out in outputs:
             if out.finished:
                 self._serial_of.pop(out.request_id, None)
-        if outputs:
-            self._emit(list(outputs))
+        emitted: list[Emitted] = list(outputs)
+        for rid, error in self.engine.take_failures():  # their adapter failed to load
+            self._serial_of.pop(rid, None)
+            emitted.append(RequestFailure(rid, error))
+        if emitted:
+            self._emit(emitted)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -3,6 +3,10 @@
 ``step()`` = ``schedule()`` -> ``runner.launch()`` -> ``advance()``, then the output
 processing of the step before (overlapped with this one's device work); it returns one
 ``RequestOutput`` delta per request that produced something. Not thread-safe: the async engine calls it from one thread.
+
+Adapters load in the background (``lora.loader``): a request enters the queue at once and waits
+there for its adapter while others step; a load that fails ends only the requests waiting on
+it, each with a typed error (``take_failures``).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from loraplex.backend.engine.stats import AdapterResidency, EngineStats
 from loraplex.backend.engine.structured import StructuredOutputs, after_token
 from loraplex.backend.outputs import RequestOutput
 from loraplex.config import EngineConfig
-from loraplex.errors import InvalidRequestError
+from loraplex.errors import InvalidRequestError, LoraplexError
+from loraplex.lora.loader import AdapterLoader
 from loraplex.lora.types import AdapterState
 
 log = logging.getLogger(__name__)
 
 ADAPTER_COUNTS_SECONDS = 0.25  # how stale the adapter gauges may get between adapter operations
+LOAD_WAIT_SECONDS = 0.01  # longest sleep of a step with nothing to run while adapters load
 
 
 class LLMEngine:
@@ -55,8 +61,10 @@ class LLMEngine:
         self.eos_ids = parts.eos_ids
         self.adapters = parts.adapters  # lora.registry.AdapterRegistry or None
         self.kv = KVCacheManager(parts.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        assign = self.adapters.ensure_resident if self.adapters is not None else None
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras, assign)
+        self.loader = AdapterLoader(self.adapters, config.lora.adapter_load_threads) \
+            if self.adapters is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, config.lora.max_loras, self.loader)
+        self._failed: list[tuple[str, LoraplexError]] = []  # requests whose adapter failed to load
         self.runner = parts.runner or ModelRunner(  # parts.runner: tensor parallelism's executor
             parts.model, parts.num_blocks, config.cache.block_size, parts.dtype, parts.device, config.model.seed,
             cuda_graphs=not config.model.enforce_eager, max_model_len=self.max_model_len,
@@ -81,9 +89,11 @@ class LLMEngine:
 
     # ---- requests
     def make_sequence(self, proc: ProcessedRequest, final_only: bool = False) -> Sequence:
-        """A sequence for a processed request, its adapter version pinned (thread-safe; may read adapter
-        files, so never call it on the step thread). ``final_only``: one output when it finishes, none
-        per token (the offline API's mode; streaming requests and grammar-constrained ones stream)."""
+        """A sequence for a processed request, its adapter version pinned (thread-safe; reads adapter
+        files on first use of an ``adapter_dir`` name, so never call it on the step thread). Weights
+        evicted from host memory are read back in the background once the request is queued.
+        ``final_only``: one output when it finishes, none per token (the offline API's mode; streaming
+        requests and grammar-constrained ones stream)."""
         grammar = self.structured.request_grammar(proc.params)  # compiled (or cached) before any work is queued
         seq = Sequence(request_id=proc.request_id, prompt_token_ids=proc.prompt_token_ids, params=proc.params,
                        max_tokens=proc.max_tokens, priority=proc.priority, structured=grammar)
@@ -91,7 +101,7 @@ class LLMEngine:
         if proc.adapter:
             if self.adapters is None:
                 raise InvalidRequestError("adapter", "LoRA is disabled on this server")
-            seq.adapter = self.adapters.acquire(proc.adapter)
+            seq.adapter = self.adapters.acquire(proc.adapter, read=False)
             seq.adapter_key = seq.adapter.key
         seq.state = OutputState.create(seq, self.tokenizer, self.eos_ids, final_only and grammar is None)
         return seq
@@ -133,6 +143,8 @@ class LLMEngine:
         scheduling); the next schedule counts each such token as pending.
         """
         self.stats.last_step_started = time.monotonic()
+        if self.loader is not None:
+            self._fail_unloadable()
         sched = self.scheduler.schedule()
         handle: StepHandle | None = None
         if not sched.is_empty:
@@ -142,6 +154,8 @@ class LLMEngine:
         if self._in_flight is not None:
             outputs += self._process(*self._in_flight)
             self._in_flight = None
+        elif handle is None and self.scheduler.waiting and self.loader is not None:
+            self.loader.wait(LOAD_WAIT_SECONDS)  # everything waits on adapter loads: do not spin
         if handle is not None:
             handle.complete()  # grammar-constrained sampling, now that the matchers saw the last tokens
             if handle.overlappable and self.overlap:
@@ -152,6 +166,19 @@ class LLMEngine:
         self._update_stats()
         self.stats.last_step_started = 0.0
         return outputs
+
+    def _fail_unloadable(self) -> None:
+        """Ends the waiting requests of each version whose background load failed."""
+        assert self.loader is not None
+        for version, error in self.loader.take_failures():
+            for seq in [s for s in self.scheduler.waiting if s.adapter is version]:
+                self._finish(seq)
+                self._failed.append((seq.request_id, error))
+
+    def take_failures(self) -> list[tuple[str, LoraplexError]]:
+        """Requests ended since the last call because their adapter failed to load, with the error."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def _process(self, sched: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
         result = handle.result()
@@ -202,6 +229,7 @@ class LLMEngine:
         s.num_running = len(self.scheduler.running)
         s.kv_blocks_used = self.kv.num_used_blocks
         s.preemptions = self.scheduler.num_preemptions
+        s.adapter_admissions_overdue = self.scheduler.num_admissions_overdue
         s.prefix_cache_queries, s.prefix_cache_hits = self.kv.prefix_queries, self.kv.prefix_hits
         s.running_adapter_names = _adapter_names(self.scheduler.running)
         s.waiting_adapter_names = _adapter_names(self.scheduler.waiting)
@@ -227,7 +255,10 @@ class LLMEngine:
         s.adapters_resident, s.adapters_cached = c.adapters_resident, c.adapters_cached
         s.adapters_registered, s.adapter_slot_evictions = c.adapters_registered, c.slot_evictions
         s.adapter_source_loads, s.adapter_source_load_seconds = c.source_loads, c.source_load_seconds
-        s.resident_adapters = tuple(a.name for a in self.adapters.list() if a.state is AdapterState.RESIDENT)
+        s.adapter_slot_lookups, s.adapter_slot_hits = c.slot_lookups, c.slot_hits
+        s.adapter_cpu_lookups, s.adapter_cpu_hits = c.cpu_lookups, c.cpu_hits
+        s.adapter_loads_in_flight = c.loads_in_flight
+        s.adapter_load_times = tuple((stage, *hist) for stage, hist in sorted(c.load_times.items()))
         self._update_residency(c)
 
     def _update_residency(self, c: Any) -> None:
@@ -237,8 +268,10 @@ class LLMEngine:
         if key != self._residency_key and self.adapters is not None:
             self._residency_key = key
             levels = {"resident": "gpu", "cached": "cpu", "registered": "disk"}
+            infos = self.adapters.list()
             self.stats.adapter_residency = tuple(AdapterResidency(a.name, levels[str(a.state)], a.pinned, a.rank)
-                                                 for a in self.adapters.list())
+                                                 for a in infos)
+            self.stats.resident_adapters = tuple(a.name for a in infos if a.state is AdapterState.RESIDENT)
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix block no request holds (call on the step thread); False when

@@ -33,6 +33,10 @@ class Sequence:
     arrival_index: int = 0  # FCFS order
     adapter_key: tuple[str, int] | None = None  # (name, version); None = base model
     adapter: Any = None  # the registry's AdapterVersion pinned by this request
+    adapter_active: bool = False  # counted as running on its adapter (the gate's activate)
+    waiting_since: float = 0.0  # monotonic; when it (re)entered the waiting queue
+    num_bypassed: int = 0  # admissions of requests behind it while it waited for its adapter
+    admission_overdue: bool = False  # passed over past the bounds: admitted before anyone behind it
     early_stop_ids: list[int] = field(default_factory=list)  # masked until min_tokens: EOS, stop token ids
     output_token_ids: list[int] = field(default_factory=list)
     num_pending: int = 0  # tokens sampled on the device whose values the host has not processed yet

@@ -44,6 +44,15 @@ class EngineStats:
     adapter_source_loads: int = 0  # adapter weights read from their source (disk, hub)
     adapter_source_load_seconds: float = 0.0
     adapter_slot_evictions: int = 0  # adapters evicted from GPU slots (not from the CPU cache)
+    adapter_slot_lookups: int = 0  # requests on an adapter, looked up on arrival
+    adapter_slot_hits: int = 0  # ... whose adapter was in a GPU slot
+    adapter_cpu_lookups: int = 0  # ... whose adapter was in no GPU slot
+    adapter_cpu_hits: int = 0  # ... of those, whose weights were in host memory (else read from the source)
+    adapter_admissions_overdue: int = 0  # requests passed over past the admission bounds while their adapter loaded
+    adapter_loads_in_flight: int = 0  # gauge: adapters loading in the background (source read or slot write)
+    # (stage, counts per bucket of lora.types.LOAD_BUCKETS then +Inf, sum of seconds); stage "source" = file
+    # read into host memory, "slot" = host memory into a GPU slot (claim to write complete)
+    adapter_load_times: tuple[tuple[str, tuple[int, ...], float], ...] = ()
     requests_by_adapter: dict[str, int] = field(default_factory=dict)
     tokens_by_adapter: dict[str, int] = field(default_factory=dict)
     last_step_started: float = 0.0  # monotonic; 0 = idle
@@ -59,6 +68,16 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def adapter_slot_hit_ratio(self) -> float:
+        """Share of requests on an adapter that found it in a GPU slot on arrival (0 before any)."""
+        return self.adapter_slot_hits / self.adapter_slot_lookups if self.adapter_slot_lookups else 0.0
+
+    @property
+    def adapter_cpu_hit_ratio(self) -> float:
+        """Of the requests whose adapter was in no slot, the share that found it in host memory."""
+        return self.adapter_cpu_hits / self.adapter_cpu_lookups if self.adapter_cpu_lookups else 0.0
 
     def snapshot(self) -> EngineStats:
         """A copy sharing nothing mutable with ``self`` (publish it; never mutate it)."""
