@@ -277,7 +277,7 @@ def warmup(lora_a: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[
     slots = torch.zeros(t, dtype=torch.int32, device=lora_a.device)
     plans = [LoRAPlan("bgmv", 16)] + [LoRAPlan("sgmv", b) for b in lora_plan.BLOCK_MS]
     for p in plans:
-        meta = LoRABatchMeta.build(slots)
+        meta = LoRABatchMeta.build(slots, slots.device)  # tiles on the weights' device, as in serving
         meta.plan = p
         meta.token_slots = slots
         add_lora(y, x, lora_a, lora_b, scales, out_slices, meta, backend=backend)

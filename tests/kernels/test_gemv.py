@@ -152,5 +152,5 @@ def test_the_shipped_table_parses():
 
     table = load_table()
     for name in table["devices"]:
-        for key, (cfg, _) in parse_table(table, name).items():
+        for key, (cfg, _use, _use_eager) in parse_table(table, name).items():
             assert key[0] in (1, 2, 4, 8, 16, 32) and cfg.block_m >= 1
