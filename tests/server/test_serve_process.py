@@ -8,10 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,48 +17,16 @@ from loraplex.backend.demo import expected_output
 from loraplex.clients import AsyncClient, Client
 from tests.helpers import loraplex_command, metric_value
 from tests.server.harness import chat_request, read_rest
+from tests.server.served import ServeProcess, start_serve
 
 LOADER = [sys.executable, "-m", "loraplex.backend.cli"]
-
-SERVE_FLAGS = ["--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-               "--grace-period", "30", "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 * 2**20)]
-
-
-
-@dataclass
-class ServeProcess:
-    proc: subprocess.Popen[str]
-    target: str
-    metrics_url: str
-    log: Path
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def scrape(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
-            return resp.read().decode()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen([*loraplex_command(), "serve", *SERVE_FLAGS, "--log-level", "INFO"],
-                                stdout=subprocess.PIPE, stderr=log_file, text=True)
-    assert proc.stdout is not None
-    metrics_line = proc.stdout.readline()  # "loraplex: metrics on http://<host>:<port>/metrics"
-    line = proc.stdout.readline()  # "loraplex: serving <model> on <host>:<port>"
-    assert "metrics on" in metrics_line and "serving" in line, (metrics_line, line, log.read_text())
-    target = line.strip().rsplit(" ", 1)[1]
-    served = ServeProcess(proc, target, metrics_line.strip().rsplit(" ", 1)[1], log)
+    served = start_serve(tmp_path_factory.mktemp("serve") / "server.log")
     yield served
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    served.stop()
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
