@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +40,11 @@ class ServeProcess:
             self.proc.wait(10)
 
 
-def start_serve(log: Path, *flags: str) -> ServeProcess:
-    """``loraplex serve`` with ``SERVE_FLAGS`` then ``flags`` (later flags win), its stderr in ``log``;
+def start_serve(log: Path, *flags: str, base: Sequence[str] = SERVE_FLAGS) -> ServeProcess:
+    """``loraplex serve`` with ``base`` then ``flags`` (later flags win), its stderr in ``log``;
     returns once it prints where it serves."""
     with open(log, "w") as log_file:
-        proc = subprocess.Popen([*loraplex_command(), "serve", *SERVE_FLAGS, *flags, "--log-level", "INFO"],
+        proc = subprocess.Popen([*loraplex_command(), "serve", *base, *flags, "--log-level", "INFO"],
                                 stdout=subprocess.PIPE, stderr=log_file, text=True)
     assert proc.stdout is not None
     metrics_line = proc.stdout.readline()  # "loraplex: metrics on http://<host>:<port>/metrics"

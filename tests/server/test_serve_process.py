@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -108,6 +109,37 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(served: ServeProcess) -> 
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
         assert sum(len(c.token_ids) for c in chunks) == 200
     assert served.proc.wait(timeout=30) == 0, served.log.read_text()[-3000:]
+
+
+# 127.0.0.1, ::ffff:127.0.0.1 and ::1 as /proc/net/tcp and tcp6 write them
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* write them) of sockets listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_serve_listens_on_loopback_by_default(tmp_path: Path) -> None:
+    """Issue 11.2 as it showed: the gRPC server and its metrics listened on 0.0.0.0 by default."""
+    served = start_serve(tmp_path / "server.log", "--device", "cpu", "--port", "0", "--metrics-port", "0",
+                         "--max-model-len", "256", base=())
+    try:
+        ports = [int(served.target.rsplit(":", 1)[1]), int(served.metrics_url.rsplit(":", 1)[1].split("/")[0])]
+        assert served.target.startswith("127.0.0.1:") and served.metrics_url.startswith("http://127.0.0.1:")
+        for port in ports:
+            assert listening_addresses(port) and listening_addresses(port) <= LOOPBACK, port
+        with Client(served.target) as client:
+            assert client.health()
+    finally:
+        served.stop()
 
 
 def test_module_entry_point_help() -> None:
