@@ -15,16 +15,17 @@ the client on the 2-core CPU test machine (a bare grpc.aio server that only refu
 on the same two cores.
 
 - B = 1 (50 calls): every refusal arrives within 100 ms end to end, the issue's literal bound
-  (measured: 30-65 ms for the slowest refusal, also with a CPU hog beside it).
+  (measured: 24-80 ms for the slowest refusal of a round, also with a CPU hog or other test runs
+  beside it).
 - B = 8 (400 calls, the issue's scenario): 100 ms cannot hold end to end, as grpc-python alone
-  needs ~180 ms of server CPU for 400 calls; the slowest refusal took 0.2-0.7 s (checked < 2 s).
+  needs ~180 ms of server CPU for 400 calls; the slowest refusal of a round took 0.2-0.9 s (checked < 1 s).
   The 100 ms bound holds on the server, from the handler's entry to its refusal, for every call
   (the histogram's le="0.1" bucket holds all of them).
 
-Each flood is sent three times in a row to one server; the count and finish bounds hold in every
+Each flood is sent four times in a row to one server; the count and finish bounds hold in every
 round. The end-to-end latency bound must hold for every refusal of at least one whole round, so a
 neighbour's burst on a shared machine cannot fail the test, while a server that is slow to refuse
-fails all three.
+fails all four.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from tests.server.served import ServeProcess, start_serve
 
 MAX_RUNNING = 4
 MAX_TOKENS = 128  # long enough that no admitted request finishes while a flood arrives
-ROUNDS = 3
+ROUNDS = 4
 CLIENT = Path(__file__).with_name("flood_client.py")
+BOUND_SECONDS = {1: 0.100, 8: 1.0}  # end to end; B = 8 is bounded at 100 ms in the server instead
 
 
 @pytest.fixture(scope="module", params=[1, 8], ids=["B=1", "B=8"])
@@ -92,7 +94,4 @@ def test_flood_of_50_times_the_bound(bounded: tuple[ServeProcess, int]) -> None:
     assert timed == refusals, "a refusal took over 100 ms in the server"
     figures = ", ".join(f"{s * 1000:.0f} ms" for s in slowest)
     print(f"B={bound}: {calls} calls x {ROUNDS}: slowest refusal per round {figures}")
-    if bound == 1:
-        assert min(slowest) < 0.100, f"in every round some refusal took over 100 ms: {figures}"
-    else:
-        assert max(slowest) < 2.0, f"slowest refusals per round: {figures}"
+    assert min(slowest) < BOUND_SECONDS[bound], f"in every round some refusal took too long: {figures}"
