@@ -6,7 +6,8 @@ Two sources:
   cache, LoRA slots / loads / evictions / per-adapter counts) is read from
   ``engine.stats()`` at scrape time by ``EngineStatsCollector``;
 - request-level histograms (TTFT, inter-token latency, end-to-end, queue time)
-  and outcomes are observed by the servicer through ``RequestTracker``.
+  and outcomes are observed by the servicer through ``RequestTracker``; refusals at
+  capacity are counted and timed by ``Metrics.refused_at_capacity``.
 
 Every series carries ``model_name``. Per-adapter series exist only while the
 adapter is registered (or still has requests in flight): an unloaded adapter's
@@ -32,6 +33,7 @@ from loraplex.lora.types import LOAD_BUCKETS
 log = logging.getLogger("loraplex.metrics")
 
 MODEL = "model_name"
+REFUSAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _GAUGES = (
     ("num_requests_waiting", "Requests waiting to be scheduled", "num_waiting"),
     ("num_requests_running", "Requests in the running batch", "num_running"),
@@ -164,12 +166,21 @@ class Metrics:
         self.adapter_op_seconds = Histogram("loraplex_adapter_operation_seconds",
                                             "Latency of adapter management calls (load includes weights)",
                                             [MODEL, "op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.refusal_seconds = _histogram("loraplex_capacity_refusal_seconds",
+                                          "Generate handler entry to its RESOURCE_EXHAUSTED refusal at capacity",
+                                          REFUSAL_BUCKETS, r, model_name)
+        self._refused = self.requests.labels(model_name, "resource_exhausted")
         self.vllm = VllmRequestMetrics(r, model_name) if vllm else None
         if stats is not None:
             r.register(EngineStatsCollector(stats, model_name, VllmFamilies(model_name) if vllm else None))
 
     def tracker(self) -> RequestTracker:
         return RequestTracker(self)
+
+    def refused_at_capacity(self, seconds: float) -> None:
+        """A Generate call refused because the server was full, ``seconds`` after its handler began."""
+        self._refused.inc()
+        self.refusal_seconds.observe(seconds)
 
     def adapter_op(self, op: str, outcome: str, seconds: float) -> None:
         self.adapter_ops.labels(self.model_name, op, outcome).inc()

@@ -216,6 +216,12 @@ class Router:
             return self.least_loaded(pool)
         return owner
 
+    def all_full(self, capacity: int) -> bool:
+        """Whether every candidate backend already carries ``capacity`` calls from this gateway alone
+        (0 = unknown: never). Other clients only add to a backend's load, so such a backend would
+        refuse the next call anyway."""
+        return capacity > 0 and all(b.in_flight >= capacity for b in self.candidates())
+
     def lease(self, adapter: str, calls: int, *, exclude: Sequence[Backend] = ()) -> Lease:
         backend = self.choose(adapter, exclude=exclude)
         if self._metrics is not None:

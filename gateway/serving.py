@@ -30,6 +30,7 @@ M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R", bound=SamplingFields)
 CLIENT_CLOSED = 499
 _POLL_S = 0.25
+AT_CAPACITY = "The backend is at capacity; retry later."
 
 
 async def handle(request: Request, request_type: type[R],
@@ -38,6 +39,9 @@ async def handle(request: Request, request_type: type[R],
     the request's span covers it all and carries the GenAI attributes."""
     state: GatewayState = request.app.state.gateway
     route = request.url.path
+    if state.backends_full():  # a flood's 429s cost only this: the body is not even read
+        state.metrics.backend_errors.labels("429").inc()
+        raise OpenAIError(429, AT_CAPACITY, code="resource_exhausted")
     span = state.span(f"POST {route}", request.headers)
     try:
         req = validate(request_type, await read_json(request, state.config.max_request_bytes))

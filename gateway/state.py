@@ -80,6 +80,14 @@ class GatewayState:
         self._info = ModelInfo(name=name, limits=server.limits, fetched_at=time.monotonic())
         return self._info
 
+    def backends_full(self) -> bool:
+        """Whether every backend is known to be at capacity (its waiting bound plus its running batch,
+        as its last GetServerInfo published them) from this gateway's own calls; no await, no call."""
+        info = self._info
+        if info is None:
+            return False
+        return self.router.all_full(info.limits.max_waiting_requests + info.limits.max_num_seqs)
+
     async def target(self, model: str) -> Target:
         """The base model when ``model`` is its name; else the adapter of that name."""
         info = await self.model_info()

@@ -1,8 +1,10 @@
-"""Small helpers shared by every test folder: polling, Prometheus scrapes, the CLI command,
-and a Python child process in which some third-party modules are "not installed"."""
+"""Small helpers shared by every test folder: polling, Prometheus scrapes, the CLI command, a
+Python child process in which some third-party modules are "not installed", and the API-key
+comparison guards."""
 
 from __future__ import annotations
 
+import hmac
 import re
 import shutil
 import subprocess
@@ -60,3 +62,28 @@ def run_without(modules: Iterable[str], code: str, timeout: float = 120) -> subp
     """``python -c code`` in a child process where ``modules`` cannot be imported."""
     prelude = f"BLOCKED = {sorted(modules)!r}\n{_BLOCKER}\n"
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout)
+
+
+class GuardedKey(str):
+    """A key that fails the test when anything compares it with ``==`` or ``!=`` (which stop at the
+    first differing character) instead of ``hmac.compare_digest``."""
+
+    def __eq__(self, other: object) -> bool:
+        raise AssertionError("the API key was compared with ==")
+
+    def __ne__(self, other: object) -> bool:
+        raise AssertionError("the API key was compared with !=")
+
+    __hash__ = str.__hash__
+
+
+class DigestSpy:
+    """Stands in for ``hmac.compare_digest`` (and calls it), remembering its arguments."""
+
+    def __init__(self) -> None:
+        self.real = hmac.compare_digest
+        self.calls: list[tuple[object, object]] = []
+
+    def __call__(self, a: bytes, b: bytes) -> bool:
+        self.calls.append((a, b))
+        return self.real(a, b)

@@ -24,6 +24,7 @@ class Msg(StrEnum):
     REQUEST_ID_BAD_CHARS = "must be printable ASCII without spaces"
     ADAPTER_NAME_EMPTY = "must not be empty"
     ADAPTER_SOURCE_EMPTY = "must not be empty"
+    AT_CAPACITY = "server is at capacity ({count} requests queued or running); retry later"
     DRAINING = "server is shutting down; not accepting new requests"
     UNAUTHENTICATED_MISSING = "missing bearer token: send metadata 'authorization: Bearer <token>'"
     UNAUTHENTICATED_WRONG = "invalid bearer token"

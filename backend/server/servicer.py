@@ -29,7 +29,7 @@ from loraplex.backend.server.messages import Msg
 from loraplex.backend.tracing import GenerateSpanRecorder, extract_context, request_attributes
 from loraplex.clients.v1 import inference_pb2 as pb
 from loraplex.clients.v1 import inference_pb2_grpc as pb_grpc
-from loraplex.errors import EngineDrainingError, InvalidRequestError
+from loraplex.errors import EngineDrainingError, InvalidRequestError, QueueFullError
 
 TOKEN_TEXT_CACHE = 65536
 
@@ -45,6 +45,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.features = features
         self.draining = False
         self._token_text = functools.lru_cache(maxsize=TOKEN_TEXT_CACHE)(self._decode_token)
+        scheduler = engine.config.scheduler
+        self._capacity = scheduler.max_waiting_requests + scheduler.max_num_seqs  # as the front end's bound
 
     def _decode_token(self, token_id: int) -> str:  # logprob token texts: the front end's own tokenizer
         return self.engine.input_processor.detokenize([token_id], skip_special_tokens=False)
@@ -54,6 +56,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     @grpc_errors
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        entered = time.perf_counter()
+        if not self.draining and self.engine.num_unfinished() >= self._capacity:
+            # a flood's refusals cost only this: no span, no conversion, no tokenizing (the front
+            # end's own check, reached with no await in between, stays the one that reserves)
+            self.metrics.refused_at_capacity(time.perf_counter() - entered)
+            raise QueueFullError(Msg.AT_CAPACITY.format(count=self.engine.num_unfinished()))
         operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
         span = self.tracer.start_span(f"{operation} {request.adapter or self.engine.model_name}",
                                       context=extract_context(context.invocation_metadata()),

@@ -45,7 +45,7 @@ class GatewayHarness:
         provider.add_span_processor(SimpleSpanProcessor(self.spans))
         port = free_port()
         self.config = replace(config or GatewayConfig(), backend=backends, port=port)
-        app = create_app(self.config, tracer_provider=provider)
+        self.app = app = create_app(self.config, tracer_provider=provider)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="on"))
         self.serve_task = asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)

@@ -93,6 +93,27 @@ def test_removing_a_backend_moves_only_its_adapters() -> None:
     assert all(after[a] == rendezvous_order(a, ADDRS)[1] for a in moved)
 
 
+def test_all_full_only_when_every_healthy_backend_carries_its_capacity() -> None:
+    r, clients = router(ADDRS[:2])
+    assert not r.all_full(2) and not r.all_full(0)
+    leases = [r.lease("", 1) for _ in range(3)]  # least loaded in turn: 2 on one backend, 1 on the other
+    assert not r.all_full(2)
+    leases.append(r.lease("", 1))
+    assert r.all_full(2) and not r.all_full(3) and not r.all_full(0)  # 0: capacity unknown, never full
+    leases.pop().release()
+    assert not r.all_full(2)
+    busy, idle = sorted(r.backends.values(), key=lambda b: -b.in_flight)
+    assert (busy.in_flight, idle.in_flight) == (2, 1)
+    clients[idle.address].serving = False  # only healthy backends count
+    asyncio.run(r.poll_health())
+    assert r.all_full(2)
+    clients[idle.address].serving, clients[busy.address].serving = True, False
+    asyncio.run(r.poll_health())
+    assert not r.all_full(2)
+    for lease in leases:
+        lease.release()
+
+
 def test_unhealthy_owner_gives_way_to_the_next_in_rendezvous_order() -> None:
     r, clients = router(ADDRS, metrics=GatewayMetrics())
     adapter = "reverse"

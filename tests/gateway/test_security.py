@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hmac
+
 import httpx
 import openai
 import pytest
 from fake_backend import BASE
 from gateway_harness import GatewayHarness
 
+from loraplex.gateway.config import GatewayConfig
 from loraplex.gateway.security import key_matches
+from tests.helpers import DigestSpy, GuardedKey
 
 ROUTES = [("GET", "/v1/models", None), ("GET", "/metrics", None),
           ("POST", "/v1/completions", {"model": BASE, "prompt": "x"}),
@@ -70,3 +74,30 @@ def test_cors_only_for_configured_origins(gw_secure: GatewayHarness, gw: Gateway
     assert evil.headers.get("access-control-allow-origin") is None
     off = httpx.get(gw.url + "/v1/models", headers={"Origin": "https://app.example"})
     assert "access-control-allow-origin" not in off.headers
+
+
+def test_every_key_check_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every route of the app (read from the app itself, so a new route is covered; /health stays
+    open) checks the key through ``hmac.compare_digest`` on bytes with the configured key, and
+    nothing compares the key with ``==``. No timing measurement: the nanoseconds a short-circuit
+    comparison differs by are lost in an HTTP request's milliseconds, so it could not fail."""
+    key = GuardedKey("sekret-0123456789")
+    gw = GatewayHarness(GatewayConfig(api_key=key))
+    try:
+        routes = [(method, route.path.replace("{model:path}", BASE)) for route in gw.app.routes
+                  for method in sorted(getattr(route, "methods", None) or ()) if method != "HEAD"]
+        assert {path for _, path in routes} >= {path for _, path, _ in ROUTES} | {"/openapi.json", "/v1/responses"}
+        spy = DigestSpy()
+        monkeypatch.setattr(hmac, "compare_digest", spy)
+        for method, path in routes:
+            for given in ("x" * len(key), str(key)[:-1], str(key) + "x", "wrong", str(key)):
+                spy.calls.clear()
+                r = httpx.request(method, gw.url + path, json={}, headers={"Authorization": f"Bearer {given}"})
+                if path == "/health":
+                    assert r.status_code == 200 and spy.calls == []
+                    continue
+                assert (r.status_code == 401) == (given != str(key)), (method, path, given, r.status_code)
+                assert spy.calls == [(given.encode(), str(key).encode())], (method, path, given, spy.calls)
+                assert all(type(arg) is bytes for arg in spy.calls[0])
+    finally:
+        gw.close()

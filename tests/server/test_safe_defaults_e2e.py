@@ -1,7 +1,10 @@
-"""Issue 11 over real servers: safe defaults, deep JSON, min_tokens and EOS, a bad --model."""
+"""Issue 11 over real servers: safe defaults, sources that do not tell what exists, pickle behind a
+safetensors name, overflowing adapters, tiny temperatures, deep JSON, min_tokens and EOS, a bad --model."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -9,6 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from loraplex.backend.cli_args import check_model_source
 from loraplex.backend.demo import DEMO_ADAPTERS, expected_output
@@ -82,3 +87,72 @@ def test_serve_with_a_bad_model_exits_before_building_the_engine(tmp_path: Path)
     out = subprocess.run([sys.executable, "-m", "loraplex.backend.cli", "serve", "--model", str(tmp_path / "nope"),
                           "--port", "0", "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no such directory" in out.stderr and "engine" not in out.stderr.lower()
+
+
+@pytest.mark.parametrize("top_k", [0, 1])
+def test_a_tiny_temperature_is_greedy_over_grpc(demo: RunningServer, top_k: int) -> None:
+    """Issue 11.4 as it showed: temperature 1e-40 (a float32 denormal on the wire) gave random text."""
+    with Client(demo.target) as client:
+        for text, adapter in (("Hello world", ""), ("Tiny temperature", "reverse"), ("abc", "upper")):
+            greedy = client.generate(chat_request(text, adapter, max_tokens=32, ignore_eos=True), timeout=30)
+            tiny = client.generate(chat_request(text, adapter, max_tokens=32, ignore_eos=True, temperature=1e-40,
+                                                top_k=top_k), timeout=30)
+            assert tiny.token_ids == greedy.token_ids, (text, adapter)
+
+
+def copy_demo_adapter(name: str, to: Path) -> Path:
+    shutil.copytree(DEMO_ADAPTERS[name], to)  # under the temp dir: inside the test servers' roots
+    return to
+
+
+def refused(client: Client, name: str, source: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        client.load_adapter(name, source, timeout=60)
+    return err.value
+
+
+def test_pickle_behind_a_safetensors_name_is_refused_unread_over_grpc(demo: RunningServer, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11.3 as it showed: ``adapter_model.safetensors -> w.bin`` (a torch.save file) loaded with
+    pickle off. The server shares this process, so a spy on torch.load sees whether it was reached."""
+    path = copy_demo_adapter("upper", tmp_path / "pickled")
+    weights = path / "adapter_model.safetensors"
+    torch.save(load_file(weights), path / "w.bin")
+    weights.unlink()
+    weights.symlink_to("w.bin")
+    loads: list[object] = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or {})
+    with Client(demo.target) as client:
+        err = refused(client, "pickled", str(path))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a safetensors file" in err.details()
+        assert loads == [] and "pickled" not in {a.name for a in client.list_adapters(timeout=10)}
+
+
+def test_adapters_whose_values_overflow_are_refused_over_grpc(demo: RunningServer, tmp_path: Path) -> None:
+    """Issue 11.10 as it showed: ``lora_alpha: 1e38`` or weights of 1e30 loaded, then emitted NULs."""
+    alpha = copy_demo_adapter("upper", tmp_path / "alpha")
+    config = json.loads((alpha / "adapter_config.json").read_text())
+    (alpha / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e38}))
+    huge = copy_demo_adapter("upper", tmp_path / "huge")
+    save_file({k: v * 1e30 for k, v in load_file(huge / "adapter_model.safetensors").items()},
+              str(huge / "adapter_model.safetensors"))
+    with Client(demo.target) as client:
+        for name, path in (("alpha", alpha), ("huge", huge)):
+            err = refused(client, name, str(path))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "overflow" in err.details(), name
+        assert not {"alpha", "huge"} & {a.name for a in client.list_adapters(timeout=10)}
+        assert client.generate(chat_request("Still right", "upper"), timeout=30).text == \
+            expected_output("upper", "Still right")
+
+
+def test_a_refused_source_does_not_tell_whether_it_exists_over_grpc(demo: RunningServer, tmp_path: Path) -> None:
+    """Issue 11.2: outside the roots, an existing directory and a missing one get the same answer."""
+    outside = [str(Path(sys.prefix)), "/no/such/dir", "/proc/self/root/etc", "/proc/self/root/no/such/dir",
+               f"{tmp_path}/{'../' * len(tmp_path.parts)}{Path(sys.prefix).relative_to('/')}"]
+    with Client(demo.target) as client:
+        answers = set()
+        for source in outside:
+            err = refused(client, "x", source)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, source
+            answers.add(err.details().replace(source, "<source>"))
+    assert len(answers) == 1, answers

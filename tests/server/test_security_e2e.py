@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import hmac
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from loraplex.backend.demo import DEMO_ADAPTERS, expected_output
 from loraplex.backend.server.config import ServerConfig
 from loraplex.clients import Client, pb
+from tests.helpers import DigestSpy, GuardedKey
 from tests.server.harness import RunningServer, chat_request
 
 TOKEN = "s3cret-token"
@@ -155,3 +158,60 @@ def test_proto_message_limits(demo: RunningServer) -> None:
     with Client(demo.target) as client, pytest.raises(grpc.RpcError) as err:
         client.generate(huge, timeout=10)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def every_method() -> list[tuple[str, Any, bool, bool]]:
+    """(path, request class, client-streaming, server-streaming) of every RPC the server serves:
+    the inference service from its proto (a new RPC is covered without editing this), health and
+    reflection."""
+    from google.protobuf.message_factory import GetMessageClass
+
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    found = [(f"/{service.full_name}/{m.name}", GetMessageClass(m.input_type), False, m.server_streaming)
+             for m in service.methods]
+    found += [("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest, False, False),
+              ("/grpc.health.v1.Health/Watch", health_pb2.HealthCheckRequest, False, True),
+              ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+               reflection_pb2.ServerReflectionRequest, True, True)]
+    return found
+
+
+def call_once(channel: grpc.Channel, path: str, request_type: Any, client_streaming: bool,
+              server_streaming: bool, token: str) -> grpc.StatusCode:
+    """One call of ``path`` with an empty request; its status (OK once a stream's first message came)."""
+    kwargs = {"request_serializer": request_type.SerializeToString, "response_deserializer": lambda b: b}
+    metadata = [("authorization", f"Bearer {token}")]
+    try:
+        if client_streaming:
+            responses = channel.stream_stream(path, **kwargs)(iter([request_type()]), timeout=10, metadata=metadata)
+        elif server_streaming:
+            responses = channel.unary_stream(path, **kwargs)(request_type(), timeout=10, metadata=metadata)
+        else:
+            channel.unary_unary(path, **kwargs)(request_type(), timeout=10, metadata=metadata)
+            return grpc.StatusCode.OK
+        next(iter(responses), None)
+        responses.cancel()  # Watch streams for ever
+        return grpc.StatusCode.OK
+    except grpc.RpcError as err:
+        return err.code()
+
+
+def test_every_token_check_is_constant_time(demo: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each RPC's token check goes through ``hmac.compare_digest`` on bytes with the configured key,
+    and nothing compares the key with ``==``. No timing measurement: the difference a short-circuit
+    comparison makes (nanoseconds) is lost in a gRPC call's ~1 ms on a shared machine, so such a
+    test could not fail, and one that could would be flaky."""
+    key = GuardedKey("s3cret-key-0123")
+    target = demo.add_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=None, api_key=key,
+                                          auth_health_checks=True))
+    spy = DigestSpy()
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    tokens = ["x" * len(key), str(key)[:-1], str(key) + "x", "wrong", str(key)]
+    with grpc.insecure_channel(target) as channel:
+        for path, request_type, client_streaming, server_streaming in every_method():
+            for token in tokens:
+                spy.calls.clear()
+                code = call_once(channel, path, request_type, client_streaming, server_streaming, token)
+                assert (code == grpc.StatusCode.UNAUTHENTICATED) == (token != str(key)), (path, token, code)
+                assert spy.calls == [(token.encode(), str(key).encode())], (path, token, spy.calls)
+                assert all(type(arg) is bytes for arg in spy.calls[0]), (path, spy.calls)

@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,48 +18,16 @@ from loraplex.backend.demo import expected_output
 from loraplex.clients import AsyncClient, Client
 from tests.helpers import loraplex_command, metric_value
 from tests.server.harness import chat_request, read_rest
+from tests.server.served import ServeProcess, start_serve
 
 LOADER = [sys.executable, "-m", "loraplex.backend.cli"]
-
-SERVE_FLAGS = ["--device", "cpu", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-               "--grace-period", "30", "--max-model-len", "256", "--kv-cache-memory-bytes", str(32 * 2**20)]
-
-
-
-@dataclass
-class ServeProcess:
-    proc: subprocess.Popen[str]
-    target: str
-    metrics_url: str
-    log: Path
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
-
-    def scrape(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as resp:
-            return resp.read().decode()
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen([*loraplex_command(), "serve", *SERVE_FLAGS, "--log-level", "INFO"],
-                                stdout=subprocess.PIPE, stderr=log_file, text=True)
-    assert proc.stdout is not None
-    metrics_line = proc.stdout.readline()  # "loraplex: metrics on http://<host>:<port>/metrics"
-    line = proc.stdout.readline()  # "loraplex: serving <model> on <host>:<port>"
-    assert "metrics on" in metrics_line and "serving" in line, (metrics_line, line, log.read_text())
-    target = line.strip().rsplit(" ", 1)[1]
-    served = ServeProcess(proc, target, metrics_line.strip().rsplit(" ", 1)[1], log)
+    served = start_serve(tmp_path_factory.mktemp("serve") / "server.log")
     yield served
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    served.stop()
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -143,6 +109,37 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(served: ServeProcess) -> 
         assert chunks[-1].finished and chunks[-1].finish_reason == "length"
         assert sum(len(c.token_ids) for c in chunks) == 200
     assert served.proc.wait(timeout=30) == 0, served.log.read_text()[-3000:]
+
+
+# 127.0.0.1, ::ffff:127.0.0.1 and ::1 as /proc/net/tcp and tcp6 write them
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* write them) of sockets listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_serve_listens_on_loopback_by_default(tmp_path: Path) -> None:
+    """Issue 11.2 as it showed: the gRPC server and its metrics listened on 0.0.0.0 by default."""
+    served = start_serve(tmp_path / "server.log", "--device", "cpu", "--port", "0", "--metrics-port", "0",
+                         "--max-model-len", "256", base=())
+    try:
+        ports = [int(served.target.rsplit(":", 1)[1]), int(served.metrics_url.rsplit(":", 1)[1].split("/")[0])]
+        assert served.target.startswith("127.0.0.1:") and served.metrics_url.startswith("http://127.0.0.1:")
+        for port in ports:
+            assert listening_addresses(port) and listening_addresses(port) <= LOOPBACK, port
+        with Client(served.target) as client:
+            assert client.health()
+    finally:
+        served.stop()
 
 
 def test_module_entry_point_help() -> None:
