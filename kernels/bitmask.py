@@ -35,10 +35,9 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
 
 
 def apply_token_bitmask_torch(logits: torch.Tensor, bitmask: torch.Tensor, index: torch.Tensor) -> None:
-    vocab = logits.shape[1]
+    covered = min(logits.shape[1], 32 * bitmask.shape[1])
     index = index.long()
     shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[index].unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # [Rc, 32 W]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    logits[index] = logits[index].masked_fill(~allowed[:, :vocab], float("-inf"))
+    allowed = ((bitmask[index].unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :covered]  # [Rc, covered]
+    logits[index, covered:] = float("-inf")  # past the mask: never allowed
+    logits[index, :covered] = logits[index, :covered].masked_fill(~allowed, float("-inf"))

@@ -56,7 +56,8 @@ class StepHandle:
         if self._deferred is not None:
             logits, greedy, inputs = self._deferred
             self._deferred = None
-            self.runner._sample(logits, greedy, inputs, self)
+            with torch.inference_mode():  # the logits are inference tensors, masked in place
+                self.runner._sample(logits, greedy, inputs, self)
 
     def copy_to_host(self, ids: torch.Tensor) -> None:
         """Starts the copy; on CPU a snapshot, read in ``result()`` (the same overlapped path as on CUDA)."""
