@@ -5,9 +5,10 @@ tokenization, validation) and the output routing (``FrontEnd``); the core
 process runs ``LLMEngine`` and its step loop (``EngineCore``), so the gRPC
 server and the engine no longer share one GIL. Two ZMQ PUSH/PULL sockets over
 ipc:// in a private directory carry pickled plain dataclasses: requests,
-aborts and operations in; one message per step (its outputs and the stats
-snapshot), operation replies and heartbeats out. When the core dies, health
-goes NOT_SERVING and every open stream ends with an error, never a hang.
+aborts and operations in; one message per step (its outputs as rows of plain
+values, ``wire``, and the stats snapshot), operation replies and heartbeats
+out. When the core dies, health goes NOT_SERVING and every open stream ends
+with an error, never a hang.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from loraplex.backend.engine import wire
 from loraplex.backend.engine.engine_core import Emitted, EngineCore, RequestFailure
 from loraplex.backend.engine.frontend import FrontEnd
 from loraplex.backend.engine.input_processor import InputProcessor
@@ -88,7 +90,7 @@ def run_core(config: EngineConfig, inbox: str, outbox: str) -> None:
         sender.send(("failed", portable(exc)))
         push.close(linger=2000)
         return
-    core = EngineCore(engine, lambda items: sender.send(("out", [_portable_item(i) for i in items],
+    core = EngineCore(engine, lambda items: sender.send(("out", wire.encode_items(_portable_items(items)),
                                                          engine.snapshot)))
     core.start()
     sender.send(("ready", model_properties(engine), engine.tokenizer))
@@ -100,8 +102,8 @@ def run_core(config: EngineConfig, inbox: str, outbox: str) -> None:
         push.close(linger=1000)
 
 
-def _portable_item(item: Emitted) -> Emitted:
-    return RequestFailure(item.request_id, portable(item.error)) if isinstance(item, RequestFailure) else item
+def _portable_items(items: list[Emitted]) -> list[Emitted]:
+    return [RequestFailure(i.request_id, portable(i.error)) if isinstance(i, RequestFailure) else i for i in items]
 
 
 def _serve(core: EngineCore, pull: zmq.Socket[bytes], sender: _Sender, stuck_seconds: float) -> None:
@@ -297,7 +299,7 @@ class CoreProcessClient(FrontEnd):
         kind = msg[0]
         if kind == "out":
             self._snap = msg[2]
-            self._dispatch(msg[1])
+            self._dispatch(wire.decode_items(msg[1]))
         elif kind == "beat":
             self._snap, self._core_dead, self._stuck = msg[1], msg[2], msg[3]
             if self._core_dead is not None:
@@ -312,8 +314,8 @@ class CoreProcessClient(FrontEnd):
 
     def _on_death(self, reason: str, expected: bool = False) -> None:
         if self._dead is None:
-            if not expected or self._queues:
-                log.error("%s: failing %d requests in flight", reason, len(self._queues))
+            if not expected or self._streams:
+                log.error("%s: failing %d requests in flight", reason, len(self._streams))
             self._dead = reason
         self._fail_all(self._dead)
         for done in self._ops.values():
