@@ -32,4 +32,4 @@ def encode_items(items: list[Emitted]) -> list[Row | RequestFailure]:
 
 
 def decode_items(rows: list[Row | RequestFailure]) -> list[Emitted]:
-    return [decode(r) if type(r) is tuple else r for r in rows]  # type: ignore[arg-type]
+    return [r if isinstance(r, RequestFailure) else decode(r) for r in rows]
