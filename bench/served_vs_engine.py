@@ -2,35 +2,40 @@
 
 Engine alone: ``LLM.generate`` of N requests (P token ids in, G out, greedy, EOS ignored).
 Served: a real ``loraplex serve`` (engine core in its own process; ``--in-process`` adds the core on
-a thread of the server) and N concurrent streaming gRPC ``Generate`` calls from this process.
+a thread of the server) and N concurrent streaming gRPC ``Generate`` calls, shared by ``--clients``
+client processes.
 
 Reports tok/s of both and their ratio; the inter-token latency (ITL: the gap between a stream's
 consecutive messages, as vLLM's benchmark counts it) p50/p99 and tokens per message; and the CPU
 time each process spent per generated token (server front end, engine core, this client), read
-from /proc, which a busy machine does not skew as it skews tok/s.
+from /proc, which a busy machine skews less than it skews tok/s. ``1e6 / front_end_cpu_us_per_token``
+is the tokens/s one front-end core can stream.
 
 The default model is runnable on a CPU: a random 2-layer, hidden-64 Qwen3 with the demo model's
 byte-level tokenizer (272 tokens), whose engine steps are short, so the front end's cost per token
 shows. ``--shape qwen3-0.6b`` is the GPU case of issue 9 (bf16 on CUDA).
 
     python bench/served_vs_engine.py [--shape tiny|qwen3-0.6b] [--streams 32] [--prompt 128] [--gen 128]
-        [--in-process] [--profile-server FILE] [--serve-args "..."]
+        [--clients K] [--in-process] [--profile-server FILE] [--serve-args "..."]
 
 ``--profile-server FILE`` runs the server under cProfile (its main thread: the event loop) and
 writes the stats to FILE. Prints one JSON object; writes bench/results/served_vs_engine.json
-(and $OUT/ when set).
+(served_vs_engine_cpu.json on a CPU; and to $OUT/ when set).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import multiprocessing
 import os
 import shlex
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import grpc
@@ -38,6 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from bench import engine_throughput  # noqa: E402
 from bench.engine_throughput import QWEN3_06B, model_config  # noqa: E402
 from bench.serve_stack import Stack, start_serve  # noqa: E402
 from loraplex.clients import pb, pb_grpc  # noqa: E402
@@ -45,15 +51,18 @@ from loraplex.clients import pb, pb_grpc  # noqa: E402
 DEMO = Path(__file__).parents[1] / "backend" / "demo" / "model"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=272)
-SHAPES = {"tiny": TINY, "qwen3-0.6b": {**QWEN3_06B, "vocab_size": 151936}}
+SHAPES = {"tiny": TINY, "qwen3-0.6b": QWEN3_06B}
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def write_model(root: Path, shape: dict, device: str) -> Path:
-    """Random weights of ``shape`` with the demo model's byte-level tokenizer (ids past 272 never sampled
-    on the tiny shape; on a larger vocabulary they decode to nothing, as unknown ids do)."""
+    """Random weights of ``shape``: the tiny shape with the demo model's byte-level tokenizer (its 272
+    tokens are the vocabulary), a real shape with engine_throughput's word-level tokenizer over its
+    whole vocabulary (as bench/serve_throughput.py)."""
     from transformers import AutoModelForCausalLM
 
+    if shape["vocab_size"] != TINY["vocab_size"]:
+        return engine_throughput.write_model(root, shape, device, 0)[0]
     cfg = model_config("qwen3", shape)
     cfg.eos_token_id = 258
     torch.manual_seed(0)
@@ -95,36 +104,69 @@ async def stream(stub: pb_grpc.InferenceServiceStub, prompt: list[int], gen: int
     """One streaming call: its TTFT, message gaps and token count (every token once, in order)."""
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), params=pb.SamplingParameters(
         max_tokens=gen, min_tokens=gen, temperature=0.0, ignore_eos=True))
-    t0 = time.perf_counter()
+    t0 = time.monotonic()  # one clock for every client process
     arrivals: list[float] = []
     tokens = 0
     async for chunk in stub.Generate(req):
         if chunk.token_ids:
-            arrivals.append(time.perf_counter())
+            arrivals.append(time.monotonic())
             tokens += len(chunk.token_ids)
     assert tokens == gen, (tokens, gen)
-    return {"ttft": arrivals[0] - t0, "gaps": np.diff(arrivals), "messages": len(arrivals)}
+    return {"ttft": arrivals[0] - t0, "gaps": np.diff(arrivals).tolist(), "messages": len(arrivals),
+            "end": arrivals[-1], "tpot": (arrivals[-1] - arrivals[0]) / max(gen - 1, 1)}
 
 
-async def served(target: str, prompts: list[list[int]], gen: int, pids: dict[str, int]) -> dict:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        await asyncio.gather(*(stream(stub, p, gen) for p in prompts[:4]))  # warm-up
-        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        client0 = time.process_time()
-        t = time.perf_counter()
-        results = await asyncio.gather(*(stream(stub, p, gen) for p in prompts))
-        dt = time.perf_counter() - t
-        client_cpu = time.process_time() - client0
-        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+def client_process(target: str, prompts: list[list[int]], gen: int, conn: Connection) -> None:
+    """One client process's share of the streams: warm up, say so, wait for the common start, run."""
+    gc.collect()
+    gc.freeze()  # this module imported torch: a full collection walking it would show as a 0.1-0.5 s "ITL"
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            await stream(stub, prompts[0], gen)  # warm-up
+            conn.send("ready")
+            start_at = conn.recv()
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+            cpu = time.process_time()
+            results = await asyncio.gather(*(stream(stub, p, gen) for p in prompts))
+            conn.send({"results": results, "cpu": time.process_time() - cpu})
+
+    asyncio.run(run())
+
+
+def served(target: str, prompts: list[list[int]], gen: int, pids: dict[str, int], clients: int) -> dict:
+    """All streams at once from ``clients`` processes (one Python client process cannot read
+    ~15k messages/s: it would measure itself)."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for i in range(clients):
+        parent, child = ctx.Pipe()
+        procs.append(ctx.Process(target=client_process, args=(target, prompts[i::clients], gen, child)))
+        procs[-1].start()
+        pipes.append(parent)
+    for pipe in pipes:
+        assert pipe.recv() == "ready"
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    start_at = time.monotonic() + 0.1
+    for pipe in pipes:
+        pipe.send(start_at)
+    shares = [pipe.recv() for pipe in pipes]
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    for proc in procs:
+        proc.join(30)
+    results = [r for share in shares for r in share["results"]]
     tokens = len(prompts) * gen
     ttft = np.array([r["ttft"] for r in results]) * 1000
     itl = np.concatenate([r["gaps"] for r in results]) * 1000
     per_token = {f"{name}_cpu_us_per_token": round(1e6 * s / tokens, 1) for name, s in cpu.items()}
-    return {"tok_s": round(tokens / dt, 1), "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 2),
+    return {"tok_s": round(tokens / (max(r["end"] for r in results) - start_at), 1),
+            "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 2),
             "itl_ms_p50": round(float(np.percentile(itl, 50)), 3), "itl_ms_p99": round(float(np.percentile(itl, 99)), 3),
+            "tpot_ms_p50": round(1000 * float(np.median([r["tpot"] for r in results])), 3),
             "tokens_per_message": round(tokens / sum(r["messages"] for r in results), 2), **per_token,
-            "client_cpu_us_per_token": round(1e6 * client_cpu / tokens, 1)}
+            "client_cpu_us_per_token": round(1e6 * sum(share["cpu"] for share in shares) / tokens, 1),
+            "client_processes": clients}
 
 
 def serve_flags(model: Path, num: int, dtype: str, in_process: bool, extra: str) -> list[str]:
@@ -141,7 +183,7 @@ def run_served(model: Path, prompts: list[list[int]], args: argparse.Namespace, 
     try:
         pid = stack.procs[0].pid
         pids = {"server": pid} if in_process else {"front_end": pid, "core": child_pids(pid)[-1]}
-        res = asyncio.run(served(stack.target, prompts, args.gen, pids))
+        res = served(stack.target, prompts, args.gen, pids, args.clients)
     finally:
         stack.stop()
     return res
@@ -156,6 +198,8 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true", help="also serve with the core on a server thread")
     ap.add_argument("--profile-server", default="", help="cProfile stats of the server process to this file")
     ap.add_argument("--serve-args", default="", help="more `loraplex serve` flags")
+    ap.add_argument("--clients", type=int, default=4 if (os.cpu_count() or 1) >= 12 else 1,
+                    help="client processes sharing the streams (default: 4 on 12+ cores, else 1)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -177,7 +221,7 @@ def main() -> None:
     print(json.dumps(out, indent=1))
     for folder in filter(None, (os.environ.get("OUT"), str(Path(__file__).parent / "results"))):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        Path(folder, "served_vs_engine.json").write_text(json.dumps(out, indent=1))
+        Path(folder, f"served_vs_engine{'' if device == 'cuda' else '_cpu'}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
