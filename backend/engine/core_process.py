@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import shutil
 import signal
 import tempfile
@@ -58,16 +59,42 @@ def portable(exc: BaseException) -> RemoteEngineError:
 
 
 class _Sender:
-    """One PUSH socket shared by the step thread, the operation threads and the main thread."""
+    """Everything the core sends, in the order it is handed over, pickled and sent by one thread of
+    its own: a step's outputs are encoded while the step thread goes on with the next step (which
+    waits on the device with the GIL released), as vLLM's engine core does. Steps, operations and
+    heartbeats hand messages over from any thread; the PUSH socket has one user."""
 
     def __init__(self, socket: zmq.Socket[bytes]):
         self._socket = socket
-        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="loraplex-core-out", daemon=True)
+        self._thread.start()
 
     def send(self, msg: tuple[Any, ...]) -> None:
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._lock:
+        self._queue.put(msg)
+
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Sends what is queued, then stops."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (msg := self._queue.get()) is not None:
+            try:
+                data = pickle.dumps(_encoded(msg), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:  # a value that does not pickle: its operation fails, nothing else
+                log.exception("engine core: cannot send %r", msg[0])
+                if msg[0] != "reply":
+                    continue
+                data = pickle.dumps(("reply", msg[1], False, portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
             self._socket.send(data)
+
+
+def _encoded(msg: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A step's outputs as rows of plain values (``wire``); other messages as they are."""
+    if msg[0] == "out":
+        return ("out", wire.encode_items(_portable_items(msg[1])), msg[2])
+    return msg
 
 
 def run_core(config: EngineConfig, inbox: str, outbox: str) -> None:
@@ -88,16 +115,17 @@ def run_core(config: EngineConfig, inbox: str, outbox: str) -> None:
     except BaseException as exc:
         log.exception("engine core failed to start")
         sender.send(("failed", portable(exc)))
+        sender.close()
         push.close(linger=2000)
         return
-    core = EngineCore(engine, lambda items: sender.send(("out", wire.encode_items(_portable_items(items)),
-                                                         engine.snapshot)))
+    core = EngineCore(engine, lambda items: sender.send(("out", items, engine.snapshot)))
     core.start()
     sender.send(("ready", model_properties(engine), engine.tokenizer))
     try:
         _serve(core, pull, sender, config.stuck_step_seconds)
     finally:
         core.stop()
+        sender.close()
         pull.close(linger=0)
         push.close(linger=1000)
 
