@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from loraplex.backend.engine import wire
+from loraplex.backend.engine.core_reader import CoreReader
 from loraplex.backend.engine.engine_core import Emitted, EngineCore, RequestFailure
 from loraplex.backend.engine.frontend import FrontEnd
 from loraplex.backend.engine.input_processor import InputProcessor
@@ -195,14 +195,13 @@ class CoreProcessClient(FrontEnd):
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
-        self._sync_ctx = zmq.Context()
-        self._async_ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._dir = tempfile.mkdtemp(prefix="loraplex-core-")  # 0700: only this user reaches the sockets
-        self._push = self._sync_ctx.socket(zmq.PUSH)
+        self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)
-        self._pull = self._async_ctx.socket(zmq.PULL)
+        self._pull = self._ctx.socket(zmq.PULL)  # used by one thread at a time: start, then the reader
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._reader: CoreReader | None = None
         self._snap = EngineStats()
         self._last_heard = 0.0
         self._dead: str | None = None
@@ -225,13 +224,15 @@ class CoreProcessClient(FrontEnd):
             target=run_core, args=(self.config, inbox, outbox), name="loraplex-engine-core", daemon=True)
         self._proc.start()
         await self._wait_ready()
-        self._reader = asyncio.create_task(self._read(), name="loraplex-core-reader")
+        self._reader = CoreReader(self._pull, self._loop, self._handle_batch, self._check_process)
+        self._reader.start()
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if await self._pull.poll(200):
-                msg = pickle.loads(await self._pull.recv())
+            data = await asyncio.to_thread(self._recv_within, 0.2)
+            if data is not None:
+                msg = pickle.loads(data)
                 if msg[0] == "failed":
                     await self.shutdown()
                     raise msg[1]
@@ -255,7 +256,7 @@ class CoreProcessClient(FrontEnd):
                 self._proc.kill()
                 await asyncio.to_thread(self._proc.join, STOP_TIMEOUT)
         if self._reader is not None:
-            self._reader.cancel()
+            await asyncio.to_thread(self._reader.stop)
         self._on_death("engine core stopped", expected=True)
         self._push.close(linger=0)
         self._pull.close(linger=0)
@@ -309,25 +310,26 @@ class CoreProcessClient(FrontEnd):
         self._send(("op", 0, "fault", (exc, fatal), {}))
 
     # ---- from the core
-    async def _read(self) -> None:
-        while self._dead is None:
-            if await self._pull.poll(int(HEARTBEAT_SECONDS * 1000)):
-                while True:  # everything already queued, then back to poll
-                    try:
-                        data = await self._pull.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(pickle.loads(data))
-            assert self._proc is not None
-            if not self._proc.is_alive():
-                self._on_death(f"engine core process exited (exit code {self._proc.exitcode})")
+    def _recv_within(self, seconds: float) -> bytes | None:
+        return self._pull.recv() if self._pull.poll(int(seconds * 1000)) else None
+
+    def _handle_batch(self, batch: list[tuple[Any, ...]]) -> None:  # the event loop, from the reader thread
+        if self._dead is None:
+            for msg in batch:
+                self._handle(msg)
+            self._check_process()
+
+    def _check_process(self) -> None:
+        assert self._proc is not None
+        if self._dead is None and not self._proc.is_alive():
+            self._on_death(f"engine core process exited (exit code {self._proc.exitcode})")
 
     def _handle(self, msg: tuple[Any, ...]) -> None:
         self._last_heard = time.monotonic()
         kind = msg[0]
-        if kind == "out":
+        if kind == "out":  # decoded by the reader
             self._snap = msg[2]
-            self._dispatch(wire.decode_items(msg[1]))
+            self._dispatch(msg[1])
         elif kind == "beat":
             self._snap, self._core_dead, self._stuck = msg[1], msg[2], msg[3]
             if self._core_dead is not None:
