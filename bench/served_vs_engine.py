@@ -95,9 +95,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def child_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in children.read_text().split()] if children.exists() else []
+def core_pid(pid: int) -> int:
+    """The engine-core process among the server's children (multiprocessing's resource tracker is one too)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    cores = [int(c) for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(cores) == 1, children
+    return cores[0]
 
 
 async def stream(stub: pb_grpc.InferenceServiceStub, prompt: list[int], gen: int) -> dict:
@@ -182,7 +185,7 @@ def run_served(model: Path, prompts: list[list[int]], args: argparse.Namespace, 
                                wrap=wrap)
     try:
         pid = stack.procs[0].pid
-        pids = {"server": pid} if in_process else {"front_end": pid, "core": child_pids(pid)[-1]}
+        pids = {"server": pid} if in_process else {"front_end": pid, "core": core_pid(pid)}
         res = served(stack.target, prompts, args.gen, pids, args.clients)
     finally:
         stack.stop()
