@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def loraplex_command() -> list[str]:
-    """The ``loraplex`` console command as its module, so the checkout on PYTHONPATH runs (never a stale install)."""
-    return [sys.executable, "-m", "loraplex.backend.cli"]
+def loraplex_command(wrap: list[str] | None = None) -> list[str]:
+    """The ``loraplex`` console command as its module, so the checkout on PYTHONPATH runs (never a stale install);
+    ``wrap`` goes between the interpreter and the module (``["-m", "cProfile", "-o", FILE]``)."""
+    return [sys.executable, *(wrap or []), "-m", "loraplex.backend.cli"]
 
 
 def free_port() -> int:
@@ -52,12 +53,12 @@ class Stack:
         self.procs.clear()
 
 
-def start_serve(flags: list[str], log_dir: Path, name: str = "serve") -> Stack:
+def start_serve(flags: list[str], log_dir: Path, name: str = "serve", wrap: list[str] | None = None) -> Stack:
     """``loraplex serve FLAGS`` on a free port; returns once it says it is serving."""
     log = log_dir / f"{name}.log"
     base = ["--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0"]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([*loraplex_command(), "serve", *base, *flags], stdout=subprocess.PIPE, stderr=out)
+        proc = subprocess.Popen([*loraplex_command(wrap), "serve", *base, *flags], stdout=subprocess.PIPE, stderr=out)
     assert proc.stdout is not None
     lines = [proc.stdout.readline().decode() for _ in range(2)]  # "metrics on URL", "serving MODEL on HOST:PORT"
     if "serving" not in lines[1]:

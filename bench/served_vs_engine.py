@@ -1,108 +1,230 @@
-"""Served path vs the engine alone: 32 concurrent streams through a real ``loraplex serve``, with the
-engine core in its own process (default) and on a thread of the server process, beside the same
-workload on the engine's own async client (no gRPC). Prints tokens/s and inter-token latency.
+"""The served path against the engine alone, same machine, same model, same workload, one run.
 
-    python bench/served_vs_engine.py [--device cpu] [--streams 32] [--max-tokens 128] [--model M]
+Engine alone: ``LLM.generate`` of N requests (P token ids in, G out, greedy, EOS ignored).
+Served: a real ``loraplex serve`` (engine core in its own process; ``--in-process`` adds the core on
+a thread of the server) and N concurrent streaming gRPC ``Generate`` calls, shared by ``--clients``
+client processes.
+
+Reports tok/s of both and their ratio; the inter-token latency (ITL: the gap between a stream's
+consecutive messages, as vLLM's benchmark counts it) p50/p99 and tokens per message; and the CPU
+time each process spent per generated token (server front end, engine core, this client), read
+from /proc, which a busy machine skews less than it skews tok/s. ``1e6 / front_end_cpu_us_per_token``
+is the tokens/s one front-end core can stream.
+
+The default model is runnable on a CPU: a random 2-layer, hidden-64 Qwen3 with the demo model's
+byte-level tokenizer (272 tokens), whose engine steps are short, so the front end's cost per token
+shows. ``--shape qwen3-0.6b`` is the GPU case of issue 9 (bf16 on CUDA).
+
+    python bench/served_vs_engine.py [--shape tiny|qwen3-0.6b] [--streams 32] [--prompt 128] [--gen 128]
+        [--clients K] [--in-process] [--profile-server FILE] [--serve-args "..."]
+
+``--profile-server FILE`` runs the server under cProfile (its main thread: the event loop) and
+writes the stats to FILE. Prints one JSON object; writes bench/results/served_vs_engine.json
+(served_vs_engine_cpu.json on a CPU; and to $OUT/ when set).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
-import statistics
-import subprocess
+import multiprocessing
+import os
+import shlex
 import sys
+import tempfile
 import time
+from multiprocessing.connection import Connection
+from pathlib import Path
 
-from loraplex.clients import AsyncClient, pb
+import grpc
+import numpy as np
+import torch
 
-PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from bench import engine_throughput  # noqa: E402
+from bench.engine_throughput import QWEN3_06B, model_config  # noqa: E402
+from bench.serve_stack import Stack, start_serve  # noqa: E402
+from loraplex.clients import pb, pb_grpc  # noqa: E402
 
-
-def engine_alone(args: argparse.Namespace) -> float:
-    """The engine's own async client, no gRPC: the step loop on its thread, as the server runs it."""
-    from loraplex import SamplingParams
-    from loraplex.backend.engine.async_engine import AsyncEngine
-    from loraplex.backend.engine.request import EngineRequest
-    from loraplex.config import EngineConfig
-
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-
-    async def run() -> float:
-        engine = AsyncEngine(EngineConfig.from_kwargs(model=args.model, device=args.device,
-                                                      max_num_seqs=args.streams))
-        await engine.start()
-
-        async def one(rid: str) -> int:
-            return sum([len(o.new_token_ids) async for o in engine.generate(EngineRequest(rid, PROMPT, params=params))])
-
-        await asyncio.gather(*[one(f"warm-{i}") for i in range(2)])
-        start = time.monotonic()
-        counts = await asyncio.gather(*[one(f"r{i}") for i in range(args.streams)])
-        elapsed = time.monotonic() - start
-        await engine.shutdown()
-        return sum(counts) / elapsed
-
-    return asyncio.run(run())
+DEMO = Path(__file__).parents[1] / "backend" / "demo" / "model"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=272)
+SHAPES = {"tiny": TINY, "qwen3-0.6b": QWEN3_06B}
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def start_serve(args: argparse.Namespace, in_process: bool) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "loraplex.backend.cli", "serve", "--device", args.device, "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--max-num-seqs", str(args.streams),
-           "--log-level", "WARNING", "--no-engine-process" if in_process else "--engine-process"]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    proc.stdout.readline()  # metrics line
-    return proc, proc.stdout.readline().strip().rsplit(" ", 1)[1]
+def write_model(root: Path, shape: dict, device: str) -> Path:
+    """Random weights of ``shape``: the tiny shape with the demo model's byte-level tokenizer (its 272
+    tokens are the vocabulary), a real shape with engine_throughput's word-level tokenizer over its
+    whole vocabulary (as bench/serve_throughput.py)."""
+    from transformers import AutoModelForCausalLM
+
+    if shape["vocab_size"] != TINY["vocab_size"]:
+        return engine_throughput.write_model(root, shape, device, 0)[0]
+    cfg = model_config("qwen3", shape)
+    cfg.eos_token_id = 258
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(root)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / name).write_bytes((DEMO / name).read_bytes())
+    return root
 
 
-async def served(target: str, args: argparse.Namespace) -> tuple[float, float, float]:
-    params = pb.SamplingParameters(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    gaps: list[float] = []
+def engine_alone(model: Path, prompts: list[list[int]], gen: int, dtype: str) -> float:
+    from loraplex import LLM, SamplingParams
 
-    async def one(client: AsyncClient) -> int:
-        tokens, last = 0, time.monotonic()
-        async for chunk in client.generate_stream(pb.GenerateRequest(prompt=PROMPT, params=params), timeout=600):
-            now = time.monotonic()
-            if tokens:
-                gaps.append(now - last)
-            tokens, last = tokens + len(chunk.token_ids), now
-        return tokens
+    llm = LLM(str(model), dtype=dtype, max_num_seqs=len(prompts), enable_lora=False, max_model_len=1024)
+    params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True)
+    llm.generate(prompts[:4], params)
+    t = time.perf_counter()
+    llm.generate(prompts, params)
+    dt = time.perf_counter() - t
+    del llm
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return len(prompts) * gen / dt
 
-    async with AsyncClient(target) as client:
-        await asyncio.gather(*[one(client) for _ in range(2)])  # warm-up
-        gaps.clear()
-        start = time.monotonic()
-        counts = await asyncio.gather(*[one(client) for _ in range(args.streams)])
-        elapsed = time.monotonic() - start
-    gaps.sort()
-    return sum(counts) / elapsed, statistics.median(gaps) * 1000, gaps[int(0.99 * (len(gaps) - 1))] * 1000
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def core_pid(pid: int) -> int:
+    """The engine-core process among the server's children (multiprocessing's resource tracker is one too)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    cores = [int(c) for c in children if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(cores) == 1, children
+    return cores[0]
+
+
+async def stream(stub: pb_grpc.InferenceServiceStub, prompt: list[int], gen: int) -> dict:
+    """One streaming call: its TTFT, message gaps and token count (every token once, in order)."""
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), params=pb.SamplingParameters(
+        max_tokens=gen, min_tokens=gen, temperature=0.0, ignore_eos=True))
+    t0 = time.monotonic()  # one clock for every client process
+    arrivals: list[float] = []
+    tokens = 0
+    async for chunk in stub.Generate(req):
+        if chunk.token_ids:
+            arrivals.append(time.monotonic())
+            tokens += len(chunk.token_ids)
+    assert tokens == gen, (tokens, gen)
+    return {"ttft": arrivals[0] - t0, "gaps": np.diff(arrivals).tolist(), "messages": len(arrivals),
+            "end": arrivals[-1], "tpot": (arrivals[-1] - arrivals[0]) / max(gen - 1, 1)}
+
+
+def client_process(target: str, prompts: list[list[int]], gen: int, conn: Connection) -> None:
+    """One client process's share of the streams: warm up, say so, wait for the common start, run."""
+    gc.collect()
+    gc.freeze()  # this module imported torch: a full collection walking it would show as a 0.1-0.5 s "ITL"
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            await stream(stub, prompts[0], gen)  # warm-up
+            conn.send("ready")
+            start_at = conn.recv()
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+            cpu = time.process_time()
+            results = await asyncio.gather(*(stream(stub, p, gen) for p in prompts))
+            conn.send({"results": results, "cpu": time.process_time() - cpu})
+
+    asyncio.run(run())
+
+
+def served(target: str, prompts: list[list[int]], gen: int, pids: dict[str, int], clients: int) -> dict:
+    """All streams at once from ``clients`` processes (one Python client process cannot read
+    ~15k messages/s: it would measure itself)."""
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for i in range(clients):
+        parent, child = ctx.Pipe()
+        procs.append(ctx.Process(target=client_process, args=(target, prompts[i::clients], gen, child)))
+        procs[-1].start()
+        pipes.append(parent)
+    for pipe in pipes:
+        assert pipe.recv() == "ready"
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    start_at = time.monotonic() + 0.1
+    for pipe in pipes:
+        pipe.send(start_at)
+    shares = [pipe.recv() for pipe in pipes]
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    for proc in procs:
+        proc.join(30)
+    results = [r for share in shares for r in share["results"]]
+    tokens = len(prompts) * gen
+    ttft = np.array([r["ttft"] for r in results]) * 1000
+    itl = np.concatenate([r["gaps"] for r in results]) * 1000
+    per_token = {f"{name}_cpu_us_per_token": round(1e6 * s / tokens, 1) for name, s in cpu.items()}
+    return {"tok_s": round(tokens / (max(r["end"] for r in results) - start_at), 1),
+            "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 2),
+            "itl_ms_p50": round(float(np.percentile(itl, 50)), 3), "itl_ms_p99": round(float(np.percentile(itl, 99)), 3),
+            "tpot_ms_p50": round(1000 * float(np.median([r["tpot"] for r in results])), 3),
+            "tokens_per_message": round(tokens / sum(r["messages"] for r in results), 2), **per_token,
+            "client_cpu_us_per_token": round(1e6 * sum(share["cpu"] for share in shares) / tokens, 1),
+            "client_processes": clients}
+
+
+def serve_flags(model: Path, num: int, dtype: str, in_process: bool, extra: str) -> list[str]:
+    return ["--model", str(model), "--max-num-seqs", str(num), "--no-enable-lora", "--dtype", dtype,
+            "--max-model-len", "1024", "--log-level", "warning",
+            "--no-engine-process" if in_process else "--engine-process", *shlex.split(extra)]
+
+
+def run_served(model: Path, prompts: list[list[int]], args: argparse.Namespace, dtype: str, in_process: bool,
+               log_dir: Path) -> dict:
+    wrap = ["-m", "cProfile", "-o", args.profile_server] if args.profile_server and not in_process else []
+    stack: Stack = start_serve(serve_flags(model, len(prompts), dtype, in_process, args.serve_args), log_dir,
+                               wrap=wrap)
+    try:
+        pid = stack.procs[0].pid
+        pids = {"server": pid} if in_process else {"front_end": pid, "core": core_pid(pid)}
+        res = served(stack.target, prompts, args.gen, pids, args.clients)
+    finally:
+        stack.stop()
+    return res
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default=None)
-    p.add_argument("--streams", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=128)
-    args = p.parse_args()
-    engine_tok_s = engine_alone(args)
-    results: dict[str, object] = {"engine_alone_tok_s": round(engine_tok_s, 1)}
-    for name, in_process in (("served_core_process", False), ("served_in_process", True)):
-        proc, target = start_serve(args, in_process)
-        try:
-            tok_s, itl_p50, itl_p99 = asyncio.run(served(target, args))
-        finally:
-            proc.terminate()
-            proc.wait(60)
-        results[f"{name}_tok_s"] = round(tok_s, 1)
-        results[f"{name}_itl_ms_p50_p99"] = [round(itl_p50, 1), round(itl_p99, 1)]
-        results[f"{name}_pct_of_engine"] = round(100 * tok_s / engine_tok_s, 1)
-    print(json.dumps({"device": args.device, "streams": args.streams, "max_tokens": args.max_tokens, **results},
-                     indent=1))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--in-process", action="store_true", help="also serve with the core on a server thread")
+    ap.add_argument("--profile-server", default="", help="cProfile stats of the server process to this file")
+    ap.add_argument("--serve-args", default="", help="more `loraplex serve` flags")
+    ap.add_argument("--clients", type=int, default=4 if (os.cpu_count() or 1) >= 12 else 1,
+                    help="client processes sharing the streams (default: 4 on 12+ cores, else 1)")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (args.prompt,), generator=g).tolist() for _ in range(args.streams)]
+    out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+                 "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "streams": args.streams,
+                 "prompt": args.prompt, "gen": args.gen, "serve_args": args.serve_args}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_model(Path(tmp) / "model", SHAPES[args.shape], device)
+        out["engine_tok_s"] = round(engine_alone(model, prompts, args.gen, dtype), 1)
+        for name, in_process in (("served", False), ("served_in_process", True)):
+            if in_process and not args.in_process:
+                continue
+            res = run_served(model, prompts, args, dtype, in_process, Path(tmp))
+            res["over_engine"] = round(res["tok_s"] / out["engine_tok_s"], 3)
+            res["itl_p99_over_p50"] = round(res["itl_ms_p99"] / res["itl_ms_p50"], 2)
+            out[name] = res
+    print(json.dumps(out, indent=1))
+    for folder in filter(None, (os.environ.get("OUT"), str(Path(__file__).parent / "results"))):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, f"served_vs_engine{'' if device == 'cuda' else '_cpu'}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

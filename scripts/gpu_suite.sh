@@ -61,6 +61,7 @@ if [[ $what == gemv ]]; then  # decode with the checked-in skinny-GEMM table, tu
 fi
 if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
+  TAIL=40 step served_vs_engine 500 python3 bench/served_vs_engine.py --shape qwen3-0.6b ${SERVED_ARGS:-}
   [[ -n ${SERVE_SUITE:-} ]] && step serve_suite 500 bash bench/serve_suite.sh --suite "$SERVE_SUITE"
 fi
 # only what this call wrote comes back ($OUT returns at most 8 files)

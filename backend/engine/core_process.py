@@ -5,9 +5,10 @@ tokenization, validation) and the output routing (``FrontEnd``); the core
 process runs ``LLMEngine`` and its step loop (``EngineCore``), so the gRPC
 server and the engine no longer share one GIL. Two ZMQ PUSH/PULL sockets over
 ipc:// in a private directory carry pickled plain dataclasses: requests,
-aborts and operations in; one message per step (its outputs and the stats
-snapshot), operation replies and heartbeats out. When the core dies, health
-goes NOT_SERVING and every open stream ends with an error, never a hang.
+aborts and operations in; one message per step (its outputs as rows of plain
+values, ``wire``, and the stats snapshot), operation replies and heartbeats
+out. When the core dies, health goes NOT_SERVING and every open stream ends
+with an error, never a hang.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import shutil
 import signal
 import tempfile
@@ -27,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
+from loraplex.backend.engine import wire
+from loraplex.backend.engine.core_reader import CoreReader
 from loraplex.backend.engine.engine_core import Emitted, EngineCore, RequestFailure
 from loraplex.backend.engine.frontend import FrontEnd
 from loraplex.backend.engine.input_processor import InputProcessor
@@ -56,16 +59,42 @@ def portable(exc: BaseException) -> RemoteEngineError:
 
 
 class _Sender:
-    """One PUSH socket shared by the step thread, the operation threads and the main thread."""
+    """Everything the core sends, in the order it is handed over, pickled and sent by one thread of
+    its own: a step's outputs are encoded while the step thread goes on with the next step (which
+    waits on the device with the GIL released), as vLLM's engine core does. Steps, operations and
+    heartbeats hand messages over from any thread; the PUSH socket has one user."""
 
     def __init__(self, socket: zmq.Socket[bytes]):
         self._socket = socket
-        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="loraplex-core-out", daemon=True)
+        self._thread.start()
 
     def send(self, msg: tuple[Any, ...]) -> None:
-        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        with self._lock:
+        self._queue.put(msg)
+
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Sends what is queued, then stops."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (msg := self._queue.get()) is not None:
+            try:
+                data = pickle.dumps(_encoded(msg), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:  # a value that does not pickle: its operation fails, nothing else
+                log.exception("engine core: cannot send %r", msg[0])
+                if msg[0] != "reply":
+                    continue
+                data = pickle.dumps(("reply", msg[1], False, portable(exc)), protocol=pickle.HIGHEST_PROTOCOL)
             self._socket.send(data)
+
+
+def _encoded(msg: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A step's outputs as rows of plain values (``wire``); other messages as they are."""
+    if msg[0] == "out":
+        return ("out", wire.encode_items(_portable_items(msg[1])), msg[2])
+    return msg
 
 
 def run_core(config: EngineConfig, inbox: str, outbox: str) -> None:
@@ -86,22 +115,23 @@ def run_core(config: EngineConfig, inbox: str, outbox: str) -> None:
     except BaseException as exc:
         log.exception("engine core failed to start")
         sender.send(("failed", portable(exc)))
+        sender.close()
         push.close(linger=2000)
         return
-    core = EngineCore(engine, lambda items: sender.send(("out", [_portable_item(i) for i in items],
-                                                         engine.snapshot)))
+    core = EngineCore(engine, lambda items: sender.send(("out", items, engine.snapshot)))
     core.start()
     sender.send(("ready", model_properties(engine), engine.tokenizer))
     try:
         _serve(core, pull, sender, config.stuck_step_seconds)
     finally:
         core.stop()
+        sender.close()
         pull.close(linger=0)
         push.close(linger=1000)
 
 
-def _portable_item(item: Emitted) -> Emitted:
-    return RequestFailure(item.request_id, portable(item.error)) if isinstance(item, RequestFailure) else item
+def _portable_items(items: list[Emitted]) -> list[Emitted]:
+    return [RequestFailure(i.request_id, portable(i.error)) if isinstance(i, RequestFailure) else i for i in items]
 
 
 def _serve(core: EngineCore, pull: zmq.Socket[bytes], sender: _Sender, stuck_seconds: float) -> None:
@@ -165,14 +195,13 @@ class CoreProcessClient(FrontEnd):
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
-        self._sync_ctx = zmq.Context()
-        self._async_ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._dir = tempfile.mkdtemp(prefix="loraplex-core-")  # 0700: only this user reaches the sockets
-        self._push = self._sync_ctx.socket(zmq.PUSH)
+        self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)
-        self._pull = self._async_ctx.socket(zmq.PULL)
+        self._pull = self._ctx.socket(zmq.PULL)  # used by one thread at a time: start, then the reader
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._reader: CoreReader | None = None
         self._snap = EngineStats()
         self._last_heard = 0.0
         self._dead: str | None = None
@@ -195,13 +224,15 @@ class CoreProcessClient(FrontEnd):
             target=run_core, args=(self.config, inbox, outbox), name="loraplex-engine-core", daemon=True)
         self._proc.start()
         await self._wait_ready()
-        self._reader = asyncio.create_task(self._read(), name="loraplex-core-reader")
+        self._reader = CoreReader(self._pull, self._loop, self._handle_batch, self._check_process)
+        self._reader.start()
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if await self._pull.poll(200):
-                msg = pickle.loads(await self._pull.recv())
+            data = await asyncio.to_thread(self._recv_within, 0.2)
+            if data is not None:
+                msg = pickle.loads(data)
                 if msg[0] == "failed":
                     await self.shutdown()
                     raise msg[1]
@@ -225,7 +256,7 @@ class CoreProcessClient(FrontEnd):
                 self._proc.kill()
                 await asyncio.to_thread(self._proc.join, STOP_TIMEOUT)
         if self._reader is not None:
-            self._reader.cancel()
+            await asyncio.to_thread(self._reader.stop)
         self._on_death("engine core stopped", expected=True)
         self._push.close(linger=0)
         self._pull.close(linger=0)
@@ -279,23 +310,24 @@ class CoreProcessClient(FrontEnd):
         self._send(("op", 0, "fault", (exc, fatal), {}))
 
     # ---- from the core
-    async def _read(self) -> None:
-        while self._dead is None:
-            if await self._pull.poll(int(HEARTBEAT_SECONDS * 1000)):
-                while True:  # everything already queued, then back to poll
-                    try:
-                        data = await self._pull.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(pickle.loads(data))
-            assert self._proc is not None
-            if not self._proc.is_alive():
-                self._on_death(f"engine core process exited (exit code {self._proc.exitcode})")
+    def _recv_within(self, seconds: float) -> bytes | None:
+        return self._pull.recv() if self._pull.poll(int(seconds * 1000)) else None
+
+    def _handle_batch(self, batch: list[tuple[Any, ...]]) -> None:  # the event loop, from the reader thread
+        if self._dead is None:
+            for msg in batch:
+                self._handle(msg)
+            self._check_process()
+
+    def _check_process(self) -> None:
+        assert self._proc is not None
+        if self._dead is None and not self._proc.is_alive():
+            self._on_death(f"engine core process exited (exit code {self._proc.exitcode})")
 
     def _handle(self, msg: tuple[Any, ...]) -> None:
         self._last_heard = time.monotonic()
         kind = msg[0]
-        if kind == "out":
+        if kind == "out":  # decoded by the reader
             self._snap = msg[2]
             self._dispatch(msg[1])
         elif kind == "beat":
@@ -312,8 +344,8 @@ class CoreProcessClient(FrontEnd):
 
     def _on_death(self, reason: str, expected: bool = False) -> None:
         if self._dead is None:
-            if not expected or self._queues:
-                log.error("%s: failing %d requests in flight", reason, len(self._queues))
+            if not expected or self._streams:
+                log.error("%s: failing %d requests in flight", reason, len(self._streams))
             self._dead = reason
         self._fail_all(self._dead)
         for done in self._ops.values():

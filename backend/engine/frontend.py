@@ -2,7 +2,8 @@
 
 It reserves a request's place before any await (so the queue bound holds under
 a flood), runs the input step on a thread, and routes the core's output
-batches to per-request queues. Subclasses say how requests and operations
+batches to per-request ``OutputStream``s (which merge the deltas a consumer has
+not taken yet, so a consumer that falls behind gets them as one). Subclasses say how requests and operations
 reach the core: ``AsyncEngine`` (a thread here) or ``CoreProcessClient``.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from loraplex.backend.engine.engine_core import Emitted, RequestFailure
 from loraplex.backend.engine.input_processor import InputProcessor
+from loraplex.backend.engine.output_stream import OutputStream
 from loraplex.backend.engine.protocol import ABORTED_BY_REQUEST, LoadReport, ModelProperties, load_report
 from loraplex.backend.engine.request import EngineRequest, ProcessedRequest
 from loraplex.backend.engine.stats import EngineStats
@@ -29,7 +31,7 @@ from loraplex.lora.types import AdapterInfo
 class FrontEnd(abc.ABC):
     def __init__(self, config: EngineConfig):
         self.config = config
-        self._queues: dict[str, asyncio.Queue[Emitted]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._serial_of: dict[str, int] = {}  # submitted to the core, by request id
         self._aborted: set[str] = set()  # aborted while in the input step
         self._serials = itertools.count(1)
@@ -90,7 +92,7 @@ class FrontEnd(abc.ABC):
         self._draining = True
 
     def num_unfinished(self) -> int:
-        return len(self._queues)
+        return len(self._streams)
 
     def is_healthy(self) -> bool:
         return self._props is not None and self._core_alive()
@@ -104,7 +106,7 @@ class FrontEnd(abc.ABC):
     # ---- requests
     async def generate(self, req: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         rid = req.request_id
-        queue = self._reserve(rid)  # no await before this: the bound holds however many arrive at once
+        stream = self._reserve(rid)  # no await before this: the bound holds however many arrive at once
         serial = 0
         finished = False
         try:
@@ -118,41 +120,37 @@ class FrontEnd(abc.ABC):
             self._serial_of[rid] = serial
             self._send_add(proc, serial)
             while not finished:
-                item = await queue.get()
-                if isinstance(item, RequestFailure):
-                    finished = True
-                    raise item.error
-                finished = item.finished
-                yield item
+                out = await stream.get()  # every delta since the last call, as one; raises a failure
+                finished = out.finished
+                yield out
         finally:
-            self._queues.pop(rid, None)
+            self._streams.pop(rid, None)
             self._serial_of.pop(rid, None)
             self._aborted.discard(rid)
-            if serial and not finished:
+            if serial and not finished and not stream.failed:
                 self._send_abort(rid, serial, None)
 
-    def _reserve(self, rid: str) -> asyncio.Queue[Emitted]:
+    def _reserve(self, rid: str) -> OutputStream:
         if self._draining:
             raise EngineDrainingError()
         self._check_alive()
         if not rid:
             raise InvalidRequestError("request_id", "must not be empty")
         capacity = self.config.scheduler.max_waiting_requests + self.config.scheduler.max_num_seqs
-        if len(self._queues) >= capacity:
-            raise QueueFullError(f"server is at capacity ({len(self._queues)} requests queued or running); "
+        if len(self._streams) >= capacity:
+            raise QueueFullError(f"server is at capacity ({len(self._streams)} requests queued or running); "
                                  "retry later")
-        if rid in self._queues:
+        if rid in self._streams:
             raise InvalidRequestError("request_id", f"{rid!r} is already running")
-        queue: asyncio.Queue[Emitted] = asyncio.Queue()
-        self._queues[rid] = queue
-        return queue
+        stream = self._streams[rid] = OutputStream()
+        return stream
 
     def _check_alive(self) -> None:
         if not self.is_healthy():
             raise EngineDeadError(f"engine loop is not running: {self.dead_reason()}")
 
     async def abort(self, request_id: str) -> bool:
-        if request_id not in self._queues:
+        if request_id not in self._streams:
             return False
         serial = self._serial_of.get(request_id)
         if serial is None:
@@ -162,15 +160,16 @@ class FrontEnd(abc.ABC):
         return True
 
     def _dispatch(self, items: list[Emitted]) -> None:
+        streams = self._streams
         for item in items:
-            queue = self._queues.get(item.request_id)
-            if queue is not None:
-                queue.put_nowait(item)
+            stream = streams.get(item.request_id)
+            if stream is not None:
+                stream.put(item)
 
     def _fail_all(self, message: str) -> None:
         """Ends every open stream with an error (the core is gone)."""
-        for rid in list(self._queues):
-            self._queues[rid].put_nowait(RequestFailure(rid, EngineDeadError(message)))
+        for rid, stream in list(self._streams.items()):
+            stream.put(RequestFailure(rid, EngineDeadError(message)))
 
     # ---- tokenizer (front end only; off the event loop)
     async def tokenize(self, prompt: str | None, messages: list[dict[str, Any]] | None = None,

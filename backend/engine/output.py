@@ -99,7 +99,7 @@ def make_output(seq: Sequence, token_ids: list[int], text: str, logprobs: list[L
         state.held_text, state.held_logprobs = [], []
     prompt_lps = None
     if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:
-        prompt_lps, state.prompt_logprobs_sent = state.prompt_logprobs, True
+        prompt_lps, state.prompt_logprobs_sent = list(state.prompt_logprobs), True  # a copy: it leaves this thread
     if finish is not None:
         seq.timings.finished = time.monotonic()
     adapter = seq.adapter_key

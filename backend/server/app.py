@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 
+from loraplex.backend.engine.llm_engine import tune_gc
 from loraplex.backend.engine.protocol import EngineClient
 from loraplex.backend.server.config import ServerConfig
 from loraplex.backend.server.server import GrpcServer
@@ -42,6 +43,7 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int
             metrics_http, metrics_port = server.metrics.serve(server_config.metrics_host, server_config.metrics_port)
             print(f"loraplex: metrics on http://{server_config.metrics_host}:{metrics_port}/metrics", flush=True)
         port = await server.start()
+        tune_gc()  # what is loaded by now lives as long as the server: out of the cyclic collector's walks
         print(f"loraplex: serving {engine.model_name} on {server_config.host}:{port}", flush=True)
         _install_signal_handlers(server)
         await server.wait_stopped()
