@@ -18,7 +18,7 @@ from loraplex.backend.demo import expected_output
 from loraplex.clients import Client
 from tests.helpers import loraplex_command
 from tests.server.harness import chat_request
-from tests.server.test_serve_process import SERVE_FLAGS
+from tests.server.served import SERVE_FLAGS
 
 
 def _children(pid: int) -> list[int]:
