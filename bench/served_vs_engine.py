@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from bench import engine_throughput  # noqa: E402
 from bench.engine_throughput import QWEN3_06B, model_config  # noqa: E402
 from bench.serve_stack import Stack, start_serve  # noqa: E402
+from bench.serve_throughput import engine_alone  # noqa: E402  (the same LLM.generate measurement)
 from loraplex.clients import pb, pb_grpc  # noqa: E402
 
 DEMO = Path(__file__).parents[1] / "backend" / "demo" / "model"
@@ -72,21 +73,6 @@ def write_model(root: Path, shape: dict, device: str) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (root / name).write_bytes((DEMO / name).read_bytes())
     return root
-
-
-def engine_alone(model: Path, prompts: list[list[int]], gen: int, dtype: str) -> float:
-    from loraplex import LLM, SamplingParams
-
-    llm = LLM(str(model), dtype=dtype, max_num_seqs=len(prompts), enable_lora=False, max_model_len=1024)
-    params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True)
-    llm.generate(prompts[:4], params)
-    t = time.perf_counter()
-    llm.generate(prompts, params)
-    dt = time.perf_counter() - t
-    del llm
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return len(prompts) * gen / dt
 
 
 def cpu_seconds(pid: int) -> float:
