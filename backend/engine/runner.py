@@ -192,7 +192,7 @@ class ModelRunner:
                              max_query_len=inputs.max_query_len)
         lora = None
         if (inputs.token_slots >= 0).any():
-            lora = LoRABatchMeta.build(torch.from_numpy(inputs.token_slots), dev)
+            lora = LoRABatchMeta.build(inputs.token_slots, dev)
         input_ids = put(inputs.input_ids)
         if source is not None:
             input_ids = take_pending(input_ids, put(source), self.last_sampled)
