@@ -13,14 +13,16 @@ calls per step (exact, unlike times). Host time counts the own time of Python fu
 kernels/lora_torch.py (the CPU stand-in for the LoRA kernels), plus the time of the non-torch
 builtins they call (numpy, dict, list...); torch ops called from those files are kernel time on a
 CPU, and are reported apart as calls per step (on a GPU each is a launch or a copy).
-Prints a table; writes bench/results/lora_host_overhead.json (and $OUT/ when set).
-Usage: python bench/lora_host_overhead.py [--batches 32,256] [--gen 64] [--repeats 3] [--cases off,idle,1,8,32]
+Prints a table; writes bench/results/lora_host_overhead.json (--results-dir, --out; and $OUT/ when set).
+Usage: python bench/lora_host_overhead.py [--batches 32,256] [--gen 64] [--repeats 2] [--cases off,idle,1,8,32]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
 import re
 import sys
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_throughput import TINY, save, write_model  # noqa: E402
+from engine_throughput import TINY, write_model  # noqa: E402
 
 CASES = ("off", "idle", "1", "8", "32")
 RANK = 8
@@ -204,6 +206,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=18, help="files shown per batch size")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="lora_host_overhead.json")
+    ap.add_argument("--results-dir", default=str(Path(__file__).parent / "results"), help="where --out goes ($OUT too)")
     args = ap.parse_args()
     cases = args.cases.split(",")
     results: list[dict[str, Any]] = []
@@ -224,7 +227,9 @@ def main() -> None:
            "prompt": PROMPT, "gen": args.gen, "rank": RANK, "seconds": round(time.perf_counter() - t0, 1),
            "results": results}
     print(table(results, args.rows))
-    save(res, args.out)
+    for folder in filter(None, (os.environ.get("OUT"), args.results_dir)):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, args.out).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
