@@ -89,10 +89,16 @@ class AdapterLoader:
         self.registry.set_active(version, -1)
 
     def assign(self, versions: set[AdapterVersion]) -> dict[AdapterVersion, int]:
-        """The slot of each version of a step; the current stream waits for writes still in flight."""
-        return self.registry.ensure_resident(versions)
+        """The slot of each version of a step (a map that may name more); the current stream waits for
+        writes still in flight. No per-adapter work while the slots stay as they were."""
+        return self.registry.step_slots(versions)
 
     # -- the engine -------------------------------------------------------------------------------
+
+    @property
+    def has_failures(self) -> bool:
+        """Failures wait for ``take_failures`` (read without the lock: a step checks it every time)."""
+        return bool(self._failures)
 
     def take_failures(self) -> list[tuple[AdapterVersion, LoraplexError]]:
         """Versions whose load failed since the last call, with the error for their waiting requests."""

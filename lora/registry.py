@@ -141,6 +141,7 @@ class AdapterRegistry:
         self._stats = RegistryCounts(lora_slots_total=slots.max_loras)
         self._loading: dict[str, int] = {}  # names whose files are being read now -> readers
         self._source_times = LoadTimes()
+        self._step_map: tuple[dict[AdapterVersion, int], int] = ({}, -1)  # step_slots' last map, its generation
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -225,6 +226,20 @@ class AdapterRegistry:
                 self._touch(version)
             return out
 
+    def step_slots(self, versions: set[AdapterVersion]) -> dict[AdapterVersion, int]:
+        """``ensure_resident`` for the engine's step, without its per-adapter work while nothing moved:
+        the last map again (no lock) when no slot changed hands and no write changed state since, and
+        the step needs no version outside it. The versions of a step are held and active (never
+        evicted or freed meanwhile); they count as used when their requests start and stop
+        (``set_active``), not every step. The map may name more versions than asked."""
+        last, generation = self._step_map
+        if generation == self._slots.generation and last.keys() >= versions:
+            return last
+        with self._lock:
+            out = self.ensure_resident(versions)
+            self._step_map = (out, self._slots.generation)
+        return out
+
     def slot_of(self, version: AdapterVersion) -> int | None:
         """The slot holding ``version``, or None."""
         with self._lock:
@@ -294,9 +309,12 @@ class AdapterRegistry:
         self._reload(version)
 
     def set_active(self, version: AdapterVersion, delta: int) -> None:
-        """An admitted request starts (+1) or stops (-1) running on ``version``."""
+        """An admitted request starts (+1) or stops (-1) running on ``version``: it counts as used now
+        (slot and host-cache LRU; ``step_slots`` does not count the steps in between)."""
         with self._lock:
             version.active += delta
+            self._slots.touch(version)
+            self._touch(version)
 
     def set_wanted(self, versions: Iterable[AdapterVersion]) -> None:
         """The versions of the requests the scheduler admits next: their slots are kept, and they may

@@ -38,6 +38,7 @@ class SlotTable:
         self.loads = 0  # slot writes
         self.load_seconds = 0.0  # host time spent writing (enqueuing, on CUDA)
         self.evictions = 0
+        self.generation = 0  # + 1 whenever a slot changes hands or a write's state changes (not on LRU use)
 
     def __contains__(self, version: object) -> bool:
         return version in self._slot_of
@@ -62,6 +63,12 @@ class SlotTable:
             return SlotStatus.ENQUEUED
         self._complete(version, started)
         return SlotStatus.READY
+
+    def touch(self, version: AdapterVersion) -> None:
+        """Counts a slotted version as just used (LRU), without any other change."""
+        slot = self._slot_of.get(version)
+        if slot is not None:
+            self._lru.move_to_end(slot)
 
     def use(self, version: AdapterVersion) -> int:
         """The slot of a slotted version that a step is about to read: the caller's stream waits for
@@ -116,6 +123,7 @@ class SlotTable:
             self._complete(version, started)
         else:
             self._fills[version] = (fill, started)
+            self.generation += 1
 
     def abandon(self, version: AdapterVersion) -> None:
         """Gives up a claimed slot whose write failed."""
@@ -170,16 +178,19 @@ class SlotTable:
         return victim
 
     def _hold(self, slot: int, version: AdapterVersion) -> None:
+        self.generation += 1
         self._versions[slot] = version
         self._slot_of[version] = slot
         self._lru[slot] = None
 
     def _release(self, version: AdapterVersion) -> int:
+        self.generation += 1
         slot = self._slot_of.pop(version)
         self._versions[slot] = None
         self._lru.pop(slot, None)
         return slot
 
     def _complete(self, version: AdapterVersion, started: float) -> None:
+        self.generation += 1
         del self._fills[version]
         self.times.observe(time.perf_counter() - started)

@@ -36,7 +36,7 @@ from loraplex.lora.types import AdapterState
 
 log = logging.getLogger(__name__)
 
-ADAPTER_COUNTS_SECONDS = 0.25  # how stale the adapter gauges may get between adapter operations
+ADAPTER_COUNTS_SECONDS = 0.25  # how stale the adapter gauges and per-adapter counters may get while stepping
 LOAD_WAIT_SECONDS = 0.01  # longest sleep of a step with nothing to run while adapters load
 
 
@@ -143,7 +143,7 @@ class LLMEngine:
         scheduling); the next schedule counts each such token as pending.
         """
         self.stats.last_step_started = time.monotonic()
-        if self.loader is not None:
+        if self.loader is not None and self.loader.has_failures:
             self._fail_unloadable()
         sched = self.scheduler.schedule()
         handle: StepHandle | None = None
@@ -234,9 +234,10 @@ class LLMEngine:
         s.running_adapter_names = _adapter_names(self.scheduler.running)
         s.waiting_adapter_names = _adapter_names(self.scheduler.waiting)
         idle = not self.scheduler.has_unfinished()  # the last step before idling: nothing refreshes later
-        if idle or time.monotonic() - self._adapter_counts_at >= ADAPTER_COUNTS_SECONDS:
+        fresh = idle or time.monotonic() - self._adapter_counts_at >= ADAPTER_COUNTS_SECONDS
+        if fresh:
             self.refresh_adapter_counts()
-        self.snapshot = s.snapshot()
+        self.snapshot = s.snapshot(None if fresh else self.snapshot)  # per-adapter counters as fresh as the gauges
 
     def publish_stats(self) -> None:
         """A fresh snapshot with the adapter gauges re-read (after adapter operations; step thread)."""

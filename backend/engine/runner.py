@@ -25,7 +25,7 @@ from loraplex.backend.models.llama import DecoderLayer, DecoderModel
 from loraplex.backend.outputs import Logprob
 from loraplex.backend.sampling_params import SamplingParams
 from loraplex.kernels import gemv
-from loraplex.kernels.lora import LoRABatchMeta
+from loraplex.kernels.lora import DEFAULT_RANK, LoRABatchMeta
 
 
 @dataclass
@@ -114,6 +114,10 @@ class ModelRunner:
                                        self.last_sampled)
             self.graphs.capture_all()
         self._pending_rows: dict[str, int] = {}  # request id -> its row in last_sampled (the last step's token)
+        # the slot stacks' max rank R, which the LoRA layers plan their kernels for: eager steps build
+        # the tile table for it up front (else the first layer builds and uploads another one)
+        self.lora_rank = next((m.lora_b.shape[2] for *_, m in model.lora_linears() if m.lora_b is not None),
+                              DEFAULT_RANK)
 
     @staticmethod
     def bytes_per_block(model: DecoderModel, block_size: int, dtype: torch.dtype) -> int:
@@ -192,7 +196,7 @@ class ModelRunner:
                              max_query_len=inputs.max_query_len)
         lora = None
         if (inputs.token_slots >= 0).any():
-            lora = LoRABatchMeta.build(torch.from_numpy(inputs.token_slots), dev)
+            lora = LoRABatchMeta.build(inputs.token_slots, dev, rank=self.lora_rank)
         input_ids = put(inputs.input_ids)
         if source is not None:
             input_ids = take_pending(input_ids, put(source), self.last_sampled)

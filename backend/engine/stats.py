@@ -79,7 +79,12 @@ class EngineStats:
         """Of the requests whose adapter was in no slot, the share that found it in host memory."""
         return self.adapter_cpu_hits / self.adapter_cpu_lookups if self.adapter_cpu_lookups else 0.0
 
-    def snapshot(self) -> EngineStats:
-        """A copy sharing nothing mutable with ``self`` (publish it; never mutate it)."""
+    def snapshot(self, previous: EngineStats | None = None) -> EngineStats:
+        """A copy sharing nothing mutable with ``self`` (publish it; never mutate it). With ``previous``
+        (a published snapshot) the per-adapter counters are the previous ones, as they were then: a
+        copy per step would grow with the number of adapters ever used."""
+        if previous is not None:  # published, so never mutated: shared
+            return dataclasses.replace(self, requests_by_adapter=previous.requests_by_adapter,
+                                       tokens_by_adapter=previous.tokens_by_adapter)
         return dataclasses.replace(self, requests_by_adapter=dict(self.requests_by_adapter),
                                    tokens_by_adapter=dict(self.tokens_by_adapter))

@@ -17,7 +17,7 @@ from torch import nn
 
 from loraplex.backend.layers.context import get_context
 from loraplex.kernels.gemv import skinny_linear
-from loraplex.kernels.lora import LoRABatchMeta, add_lora, expand, lora_buffer, route, shrink, warmup
+from loraplex.kernels.lora import LoRABatchMeta, expand, lora_buffer, route, shrink, warmup
 
 
 class LoRALinear(nn.Module):
@@ -44,6 +44,14 @@ class LoRALinear(nn.Module):
         self.lora_scales: torch.Tensor | None = None  # [S] float32
 
     def set_lora(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor) -> None:
+        """Attaches the slot stacks (checked here once: ``forward`` runs the LoRA ops without add_lora's checks)."""
+        n, s = len(self.out_slices), lora_a.shape[0]
+        if (lora_a.dim() != 3 or lora_a.shape[1:] != (n * lora_b.shape[2], self.in_features)
+                or lora_b.shape[:2] != (s, sum(self.out_slices)) or scales.shape != (s,)
+                or scales.dtype != torch.float32):
+            raise ValueError(f"LoRA buffers a {tuple(lora_a.shape)}, b {tuple(lora_b.shape)}, scales "
+                             f"{scales.dtype} {tuple(scales.shape)} do not fit in={self.in_features}, "
+                             f"out_slices={self.out_slices}")
         self.lora_a, self.lora_b, self.lora_scales = lora_a, lora_b, scales
         if not lora_a.is_cuda:
             return
@@ -63,7 +71,8 @@ class LoRALinear(nn.Module):
         if self.overlap_shrink and x.is_cuda and torch.cuda.is_current_stream_capturing():
             return self._overlapped(x, meta)
         y = skinny_linear(x, self.weight, self.bias)
-        add_lora(y, x, self.lora_a, self.lora_b, self.lora_scales, self.out_slices, meta)
+        tiles = route(meta, self.lora_a, self.lora_b.shape[2])  # add_lora's halves (shapes checked in set_lora)
+        expand(y, shrink(x, self.lora_a, meta, tiles), self.lora_b, self.lora_scales, self.out_slices, meta, tiles)
         return y
 
     def _overlapped(self, x: torch.Tensor, meta: LoRABatchMeta) -> torch.Tensor:

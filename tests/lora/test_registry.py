@@ -255,3 +255,48 @@ def test_concurrent_operations_on_one_name(make_registry: Factory, adapter_store
     assert counts.retired_versions == 0 and counts.running_by_adapter == {}
     assert counts.lora_slots_used == counts.adapters_resident <= 1  # retired versions' slots were freed
     assert all(v.weights is None and reg.slot_of(v) is None for v in seen if v.unloaded)
+
+
+def test_step_slots_reuse_the_last_map_until_a_slot_moves(make_registry: Factory,
+                                                           adapter_store: dict[str, Path]) -> None:
+    reg = make_registry(max_loras=2)
+    for name in ("qkv_r4", "mlp_r2", "o_r3"):
+        reg.register(name, src(adapter_store, name))
+    a, b, c = (reg.acquire(n) for n in ("qkv_r4", "mlp_r2", "o_r3"))
+    first = reg.step_slots({a, b})
+    assert first == reg.ensure_resident([a, b])  # the same slots as the plain path
+    assert reg.step_slots({a, b}) is first and reg.step_slots({b}) is first  # nothing moved: no work at all
+    reg.release(b)  # b is idle now, so c may take its slot
+    moved = reg.step_slots({a, c})
+    assert moved is not first and moved[a] == first[a] and moved[c] == first[b] and reg.slot_of(b) is None
+    assert reg.step_slots({a, c}) is moved
+    reg.release(c)
+    reg.unregister("o_r3")  # retired and unheld: its slot is freed, so the map is rebuilt
+    again = reg.step_slots({a})
+    assert again is not moved and again == {a: first[a]}
+    reg.release(a)
+    assert reg.consistency_errors() == []
+
+
+def test_versions_count_as_used_when_their_requests_stop(make_registry: Factory,
+                                                         adapter_store: dict[str, Path]) -> None:
+    """step_slots does not touch the LRU every step: a version counts as used when its requests
+    start and stop, so the one whose requests stopped first is the victim."""
+    reg = make_registry(max_loras=2)
+    for name in ("qkv_r4", "mlp_r2", "o_r3"):
+        reg.register(name, src(adapter_store, name))
+    a, b, c = (reg.acquire(n) for n in ("qkv_r4", "mlp_r2", "o_r3"))
+    slot_a = reg.step_slots({a})[a]  # a placed first: the least recently used by placement
+    step = reg.step_slots({b})
+    slot_b = step[b]
+    for v in (a, b):
+        reg.set_active(v, 1)
+    for _ in range(3):
+        assert reg.step_slots({b}) is step
+    reg.set_active(b, -1)  # b's requests stop first...
+    reg.set_active(a, -1)  # ...then a's
+    for v in (a, b):
+        reg.release(v)
+    assert reg.step_slots({c})[c] == slot_b and reg.slot_of(a) == slot_a
+    reg.release(c)
+    assert reg.consistency_errors() == []
