@@ -199,15 +199,13 @@ class LLMEngine:
             name = seq.adapter_key[0] if seq.adapter_key else ""
             self.stats.tokens_by_adapter[name] = self.stats.tokens_by_adapter.get(name, 0) + 1
             self.stats.generation_tokens += 1
-            if out is None:  # final-only, not finished
-                self.kv.cache_full_blocks(seq)
-                continue
-            after_token(seq, out)  # advances its grammar matcher; a completed grammar ends the request
-            outputs.append(out)
-            if out.finished:
-                self._finish(seq)
-            else:
-                self.kv.cache_full_blocks(seq)
+            if out is not None:  # None: final-only and not finished
+                after_token(seq, out)  # advances its grammar matcher; a completed grammar ends the request
+                outputs.append(out)
+                if out.finished:
+                    self._finish(seq)
+                    continue
+            self.kv.cache_full_blocks(seq)
         return outputs
 
     def _finish(self, seq: Sequence) -> None:

@@ -221,8 +221,9 @@ def _clean(exc: Exception) -> str:
 def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Any]) -> None:
     """Masks, in place, the tokens each constrained row's grammar forbids next.
 
-    ``logits``: [R, V] float for ``seqs`` (R sampling sequences; V = the model's logits width, which
-    the bitmask covers); rows without a grammar are left alone. The constrained rows' bitmasks are
+    ``logits``: [R, V] float for ``seqs`` (R sampling sequences; V = the model's logits width; the
+    bitmask covers the tokenizer's ids, and the ids past them are forbidden); rows without a
+    grammar are left alone. The constrained rows' bitmasks are
     filled by xgrammar's batch matcher (on its threads, GIL released) and applied on the logits'
     device by kernels.bitmask (xgrammar's Triton kernel specialises on the row count and so
     recompiled in the middle of serving, and it cannot forbid the ids past a narrower mask).
@@ -233,7 +234,6 @@ def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Any]) -> None:
             and s.structured.rejected is None and not s.structured.terminated]
     if not rows:
         return
-
     grammars: list[RequestGrammar] = [seqs[i].structured for i in rows]
     owner = grammars[0].owner
     bitmask = owner.bitmask_buffer(len(seqs), logits.device)
