@@ -9,6 +9,7 @@ submitted at once (one ``generate`` call). Cases:
   llama8b      Llama-3-8B shape, batch-1 decode
   structured   Qwen3-0.6B shape, 32 x 128/128, every request under a JSON schema vs none (the demo
                model's byte-level tokenizer, so that JSON can be spelled), same run
+  llama8b_lora Llama-3-8B shape, 32 x 128 in / 128 out, base and with 32 distinct rank-16 adapters
   tp           Llama-3-8B shape, 32 x 128 in / 128 out at tensor_parallel_size 1 and 2, base and with
                32 distinct adapters (skipped with fewer than 2 GPUs; the TP-2 floor is the TP-1 floor / 2)
   lora_many    Qwen3-0.6B shape, 1000 registered rank-16 adapters, 512 x 128/128 drawn Zipf(1), max_loras 64,
@@ -53,7 +54,8 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "structured", "llama8b", "tp", "lora_many", "lora_loads")
+ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "structured", "llama8b", "llama8b_lora", "tp", "lora_many",
+             "lora_loads")
 # 40+ strings: at least 130 bytes, so every constrained request runs its whole 128 tokens
 STRUCTURED_SCHEMA = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string"},
                                                                 "minItems": 40}},
@@ -231,9 +233,9 @@ def main() -> None:
             res["lora_many"] = lora_residency.lora_many(qwen, adapters[0], Path(tmp), False, args.many_adapters,
                                                         args.many_files, args.many_cpu_loras)
             save(res, args.out)
-        if "llama8b" in cases or "lora_loads" in cases:
-            llama, templates = write_model(Path(tmp) / "llama", LLAMA3_8B, "cuda", int("lora_loads" in cases),
-                                           arch="llama")
+        if {"llama8b", "lora_loads", "llama8b_lora"} & set(cases):  # one Llama-3-8B write serves them all
+            n = args.adapters if "llama8b_lora" in cases else int("lora_loads" in cases)
+            llama, templates = write_model(Path(tmp) / "llama", LLAMA3_8B, "cuda", n, arch="llama")
         if "lora_loads" in cases:
             res["lora_loads"] = lora_residency.lora_loads(llama, templates[0], Path(tmp), False, args.loads)
             save(res, args.out)
@@ -242,20 +244,24 @@ def main() -> None:
             res["llama8b_decode1"] = run.measure(1, 16, 256)
             run.close()
             save(res, args.out)
+        if "llama8b_lora" in cases:
+            run_tp_case(res, Path(tmp) / "llama", (bw, flops), args, sizes=(1,), written=(llama, templates))
         if "tp" in cases:
             run_tp_case(res, Path(tmp) / "llama_tp", (bw, flops), args)
     report(res, args.out)
 
 
-def run_tp_case(res: dict, root: Path, ceilings, args) -> None:
-    """Llama-3-8B shape decode throughput at TP 1 and 2, without and with 32 distinct adapters."""
-    if torch.cuda.device_count() < 2:
+def run_tp_case(res: dict, root: Path, ceilings, args, sizes: tuple[int, ...] = (1, 2),
+                written: tuple[Path, list[Path]] | None = None) -> None:
+    """Llama-3-8B shape decode throughput at each TP size, without and with 32 distinct adapters
+    (``written``: the model and adapters under ``root`` when already written)."""
+    if torch.cuda.device_count() < max(sizes):
         res["tp"] = {"skipped": f"needs 2 GPUs, {torch.cuda.device_count()} visible"}
         print("tp: skipped (fewer than 2 GPUs)")
         return
     n = args.adapters
-    model, adapters = write_model(root, LLAMA3_8B, "cuda", n, arch="llama")
-    for tp in (1, 2):
+    model, adapters = written or write_model(root, LLAMA3_8B, "cuda", n, arch="llama")
+    for tp in sizes:
         for key, names in ((f"tp{tp}_base", None), (f"tp{tp}_lora{n}", [f"a{i % n}" for i in range(32)])):
             engine = dict(tensor_parallel_size=tp, max_num_seqs=32, max_model_len=2048,
                           enable_lora=names is not None, max_loras=max(1, n), adapter_roots=[str(root)])
@@ -264,6 +270,8 @@ def run_tp_case(res: dict, root: Path, ceilings, args) -> None:
                 for i, path in enumerate(adapters):
                     run.llm.load_adapter(f"a{i}", str(path))
             r = run.measure(32, 128, 128, names=names)
+            if names is not None:
+                r["vs_base"] = round(r["tok_s"] / res[f"tp{tp}_base"]["tok_s"], 3)
             if tp > 1:  # each rank reads 1/tp of the bytes, in parallel (all-reduce time not counted)
                 r["floor_ms_per_step"] = round(r["floor_ms_per_step"] / tp, 3)
                 r["pct_of_floor"] = round(100 * r["floor_ms_per_step"] / r["ms_per_step"], 1)

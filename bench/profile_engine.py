@@ -7,7 +7,11 @@ Random-weight Qwen3-0.6B shape, bf16, greedy, EOS ignored (the shape of bench/en
            functions by own time, per engine step.
 Prints tables; writes profile_engine.json to bench/results/ and $OUT.
   structured  both tables at batch 32 with every request under engine_throughput's JSON schema.
-Usage: python bench/profile_engine.py [--what kernels,host,structured] [--batches 32,256] [--kernel-batches 1,256] [--tiny]
+  nano     the nano-vllm workload (256 requests, lengths uniform in [100, 1024]) once per --budgets token
+           budget: every step's wall time by kind (decode in a graph, eager decode, mixed prefill+decode,
+           prefill only) beside its byte floor, preemptions, and device kernels of a few decode and mixed steps.
+Usage: python bench/profile_engine.py [--what kernels,host,structured,nano] [--batches 32,256] [--kernel-batches 1,256]
+       [--budgets 2048,16384] [--tiny]
 """
 
 from __future__ import annotations
@@ -102,6 +106,131 @@ def host_table(llm, batch: int, prompt_len: int, gen: int, rows: int = 30, struc
             "tok_s": round(batch * gen / plain), "profiled_ms_per_step": round(1e3 * profiled / steps, 3), "top": top}
 
 
+def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: int, weight_bytes: int,
+               bw: float, windows: dict[str, int]) -> dict:
+    """Runs one ``generate`` with every runner launch timed; the wall time of step i is the gap between
+    the starts of launches i and i+1 (with async scheduling that is the device's time once it is the
+    bottleneck). Kernel tables come from torch.profiler over the first steps of each kind in ``windows``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loraplex import SamplingParams
+
+    runner = llm.engine.runner
+    launch = runner.launch
+    steps: list[dict] = []
+    prof_state: dict = {"prof": None, "kind": None, "left": 0, "tables": {}}
+
+    def kind_of(out) -> str:
+        n_tok = sum(r.num_new_tokens for r in out.requests)
+        if n_tok == len(out.requests):
+            fits = runner.graphs is not None and runner.graphs.fits(len(out.requests))
+            return "decode_graph" if fits else "decode_eager"
+        return "mixed" if any(r.num_new_tokens == 1 for r in out.requests) else "prefill"
+
+    def close_window() -> None:
+        p = prof_state["prof"]
+        if p is None:
+            return
+        sync()
+        p.__exit__(None, None, None)
+        k = prof_state["kind"]
+        n = windows[k]
+        rows = []
+        for e in p.key_averages():
+            if e.self_device_time_total > 0 and e.device_type.name == "CUDA":
+                rows.append({"name": e.key[:80], "per_step": round(e.count / n, 1),
+                             "us_per_step": round(e.self_device_time_total / n, 1)})
+        rows.sort(key=lambda r: -r["us_per_step"])
+        prof_state["tables"][k] = {"busy_ms_per_step": round(sum(r["us_per_step"] for r in rows) / 1e3, 3),
+                                   "kernels": rows[:20]}
+        prof_state["prof"] = None
+
+    def timed(out, *a, **kw):
+        kind = kind_of(out) if out.requests else "empty"
+        if prof_state["prof"] is not None:
+            prof_state["left"] -= 1
+            if prof_state["left"] <= 0:
+                close_window()
+        skip = len(steps) > 4  # the first steps compile and warm
+        if (prof_state["prof"] is None and skip and kind in windows and kind not in prof_state["tables"]
+                and torch.cuda.is_available()):
+            prof_state["prof"] = profile(activities=[ProfilerActivity.CUDA])
+            prof_state["prof"].__enter__()
+            prof_state["kind"], prof_state["left"] = kind, windows[kind]
+        ctx = sum(int(r.start) + r.num_new_tokens for r in out.requests)
+        steps.append({"t": time.perf_counter(), "kind": kind, "rows": len(out.requests),
+                      "tokens": sum(r.num_new_tokens for r in out.requests), "ctx": ctx,
+                      "profiled": prof_state["prof"] is not None})
+        return launch(out, *a, **kw)
+
+    runner.launch = timed
+    params = [SamplingParams(temperature=0.0, max_tokens=o, min_tokens=o, ignore_eos=True) for o in outputs]
+    preempt0 = llm.engine.stats.preemptions
+    sync()
+    t0 = time.perf_counter()
+    llm.generate(prompts, params)
+    sync()
+    wall = time.perf_counter() - t0
+    close_window()
+    runner.launch = launch
+    ends = [s["t"] for s in steps[1:]] + [t0 + wall]
+    kinds: dict[str, dict] = {}
+    for s, end in zip(steps, ends, strict=True):
+        if s["profiled"]:
+            continue
+        k = kinds.setdefault(s["kind"], {"steps": 0, "seconds": 0.0, "floor_s": 0.0, "rows": 0, "tokens": 0})
+        k["steps"] += 1
+        k["seconds"] += end - s["t"]
+        k["floor_s"] += (weight_bytes + kv_per_token * s["ctx"]) / bw
+        k["rows"] += s["rows"]
+        k["tokens"] += s["tokens"]
+    for k in kinds.values():
+        k["ms_per_step"] = round(1e3 * k["seconds"] / k["steps"], 3)
+        k["floor_ms_per_step"] = round(1e3 * k["floor_s"] / k["steps"], 3)
+        k["pct_of_floor"] = round(100 * k["floor_s"] / k["seconds"], 1)
+        k["mean_rows"] = round(k["rows"] / k["steps"], 1)
+        k["mean_tokens"] = round(k["tokens"] / k["steps"], 1)
+        k["seconds"], k["floor_s"] = round(k["seconds"], 3), round(k["floor_s"], 3)
+    res = {"seconds": round(wall, 2), "output_tok_s": round(sum(outputs) / wall, 1), "steps": len(steps),
+           "by_kind": kinds, "kernels": prof_state["tables"]}
+    res["preemptions"] = llm.engine.stats.preemptions - preempt0
+    # decode steps by batch size, in buckets: where the time of the long tail of small batches goes
+    buckets: dict[str, list[float]] = {}
+    for s, end in zip(steps, ends, strict=True):
+        if s["kind"].startswith("decode") and not s["profiled"]:
+            b = next(x for x in (1, 8, 32, 64, 128, 192, 256, 1 << 30) if s["rows"] <= x)
+            v = buckets.setdefault(f"<={b}", [0, 0.0, 0.0])
+            v[0] += 1
+            v[1] += end - s["t"]
+            v[2] += (weight_bytes + kv_per_token * s["ctx"]) / bw
+    res["decode_by_rows"] = {b: {"steps": n, "ms_per_step": round(1e3 * t / n, 3), "floor_ms": round(1e3 * f / n, 3)}
+                             for b, (n, t, f) in sorted(buckets.items(), key=lambda kv: int(kv[0][2:]))}
+    print(f"  {wall:.2f} s, {res['output_tok_s']} tok/s, {len(steps)} steps"
+          + f", {res['preemptions']} preemptions")
+    print(f"  {'kind':<14} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'floor ms':>9} {'% floor':>8} {'rows':>6} {'tokens':>7}")
+    for name, k in sorted(kinds.items(), key=lambda kv: -kv[1]["seconds"]):
+        print(f"  {name:<14} {k['steps']:>6} {k['seconds']:>8} {k['ms_per_step']:>8} {k['floor_ms_per_step']:>9} "
+              f"{k['pct_of_floor']:>8} {k['mean_rows']:>6} {k['mean_tokens']:>7}")
+    for b, v in res["decode_by_rows"].items():
+        print(f"  decode rows {b:<8} {v['steps']:>5} steps {v['ms_per_step']:>8} ms/step (floor {v['floor_ms']})")
+    for name, tab in prof_state["tables"].items():
+        print(f"  kernels of {windows[name]} {name} steps: device busy {tab['busy_ms_per_step']} ms/step")
+        for r in tab["kernels"][:12]:
+            print(f"    {r['name']:<80} {r['per_step']:>6} {r['us_per_step']:>9}")
+    return res
+
+
+def nano_workload(num: int, max_len: int, seed: int = 0, min_len: int = 100) -> tuple[list[list[int]], list[int]]:
+    """The nano-vllm workload's requests (../shared/bench/nano_vllm_workload.py draws them the same way)."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = [rng.randint(min_len, max_len) for _ in range(num)]
+    outputs = [rng.randint(min_len, max_len) for _ in range(num)]
+    ids = [[rng.randint(1, 500) for _ in range(p)] for p in prompts]
+    return ids, outputs
+
+
 def free() -> None:
     """Gives a dropped engine's GPU memory back before the next one sizes its KV cache."""
     import gc
@@ -123,6 +252,8 @@ def main() -> None:
     ap.add_argument("--what", default="kernels,host")
     ap.add_argument("--batches", default="32,256", help="host profile batch sizes")
     ap.add_argument("--kernel-batches", default="1,256", help="kernel profile batch sizes")
+    ap.add_argument("--budgets", default="2048,16384", help="nano: max_num_batched_tokens values")
+    ap.add_argument("--nano-num", type=int, default=256, help="nano: requests")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test of the script")
     args = ap.parse_args()
     shape, device, dtype = (TINY, "cpu", "float32") if args.tiny else (QWEN3_06B, "cuda", "bfloat16")
@@ -153,6 +284,23 @@ def main() -> None:
             res["structured_host_b32"] = host_table(llm, 32, 128, gen, structured=schema)
             llm = None
             free()
+        if "nano" in args.what:
+            from floors import copy_bandwidth, kv_bytes_per_token, weight_bytes
+
+            num, max_len = (8, 40) if args.tiny else (args.nano_num, 1024)
+            prompts, outputs = nano_workload(num, max_len, min_len=10 if args.tiny else 100)
+            bw = copy_bandwidth() if device == "cuda" else 50e9
+            kv_per_token = kv_bytes_per_token(shape)  # bf16 (the tiny fp32 run's floor is only indicative)
+            for budget in map(int, args.budgets.split(",")):
+                llm = LLM(str(model), dtype=dtype, max_num_seqs=num, enable_lora=False, max_model_len=2 * max_len + 16,
+                          max_num_batched_tokens=max(budget, 2 * max_len + 16))
+                llm.generate(prompts[:8], None)  # compiles
+                print(f"\nnano-vllm workload, max_num_batched_tokens={budget}:")
+                res[f"nano_budget{budget}"] = step_trace(llm, prompts, outputs, kv_per_token,
+                                                         weight_bytes(shape), bw,
+                                                         {"decode_graph": 6, "mixed": 4})
+                llm = None
+                free()
     save(res, "profile_engine.json")
 
 

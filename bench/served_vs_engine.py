@@ -16,7 +16,11 @@ byte-level tokenizer (272 tokens), whose engine steps are short, so the front en
 shows. ``--shape qwen3-0.6b`` is the GPU case of issue 9 (bf16 on CUDA).
 
     python bench/served_vs_engine.py [--shape tiny|qwen3-0.6b] [--streams 32] [--prompt 128] [--gen 128]
-        [--clients K] [--in-process] [--profile-server FILE] [--serve-args "..."]
+        [--clients K] [--in-process] [--adapters N] [--profile-server FILE] [--serve-args "..."]
+
+``--adapters N`` (issue 17) also serves the same streams round-robin over N preloaded rank-16 adapters
+(all 7 projections) on a LoRA-enabled server, and reports its tok/s and TTFT p99 against the base
+model's served figures of the same run (``lora_over_base``, ``lora_ttft_p99_over_base``).
 
 ``--profile-server FILE`` runs the server under cProfile (its main thread: the event loop) and
 writes the stats to FILE. Prints one JSON object; writes bench/results/served_vs_engine.json
@@ -56,14 +60,14 @@ SHAPES = {"tiny": TINY, "qwen3-0.6b": QWEN3_06B}
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def write_model(root: Path, shape: dict, device: str) -> Path:
-    """Random weights of ``shape``: the tiny shape with the demo model's byte-level tokenizer (its 272
-    tokens are the vocabulary), a real shape with engine_throughput's word-level tokenizer over its
-    whole vocabulary (as bench/serve_throughput.py)."""
+def write_model(root: Path, shape: dict, device: str, adapters: int = 0) -> tuple[Path, list[Path]]:
+    """Random weights of ``shape`` and ``adapters`` random rank-16 PEFT adapters beside them: the tiny
+    shape with the demo model's byte-level tokenizer (its 272 tokens are the vocabulary), a real shape
+    with engine_throughput's word-level tokenizer over its whole vocabulary (as bench/serve_throughput.py)."""
     from transformers import AutoModelForCausalLM
 
-    if shape["vocab_size"] != TINY["vocab_size"]:
-        return engine_throughput.write_model(root, shape, device, 0)[0]
+    if shape["vocab_size"] != TINY["vocab_size"] or adapters:
+        return engine_throughput.write_model(root, shape, device, adapters)
     cfg = model_config("qwen3", shape)
     cfg.eos_token_id = 258
     torch.manual_seed(0)
@@ -72,7 +76,7 @@ def write_model(root: Path, shape: dict, device: str) -> Path:
     model.save_pretrained(root)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (root / name).write_bytes((DEMO / name).read_bytes())
-    return root
+    return root, []
 
 
 def cpu_seconds(pid: int) -> float:
@@ -89,9 +93,9 @@ def core_pid(pid: int) -> int:
     return cores[0]
 
 
-async def stream(stub: pb_grpc.InferenceServiceStub, prompt: list[int], gen: int) -> dict:
+async def stream(stub: pb_grpc.InferenceServiceStub, prompt: list[int], gen: int, adapter: str = "") -> dict:
     """One streaming call: its TTFT, message gaps and token count (every token once, in order)."""
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), params=pb.SamplingParameters(
+    req = pb.GenerateRequest(adapter=adapter, token_ids=pb.TokenIds(ids=prompt), params=pb.SamplingParameters(
         max_tokens=gen, min_tokens=gen, temperature=0.0, ignore_eos=True))
     t0 = time.monotonic()  # one clock for every client process
     arrivals: list[float] = []
@@ -105,7 +109,7 @@ async def stream(stub: pb_grpc.InferenceServiceStub, prompt: list[int], gen: int
             "end": arrivals[-1], "tpot": (arrivals[-1] - arrivals[0]) / max(gen - 1, 1)}
 
 
-def client_process(target: str, prompts: list[list[int]], gen: int, conn: Connection) -> None:
+def client_process(target: str, prompts: list[list[int]], gen: int, conn: Connection, adapters: list[str]) -> None:
     """One client process's share of the streams: warm up, say so, wait for the common start, run."""
     gc.collect()
     gc.freeze()  # this module imported torch: a full collection walking it would show as a 0.1-0.5 s "ITL"
@@ -113,25 +117,28 @@ def client_process(target: str, prompts: list[list[int]], gen: int, conn: Connec
     async def run() -> None:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.InferenceServiceStub(channel)
-            await stream(stub, prompts[0], gen)  # warm-up
+            await stream(stub, prompts[0], gen)  # warm-up (the base model: adapters' first use is measured)
             conn.send("ready")
             start_at = conn.recv()
             await asyncio.sleep(max(0.0, start_at - time.monotonic()))
             cpu = time.process_time()
-            results = await asyncio.gather(*(stream(stub, p, gen) for p in prompts))
+            results = await asyncio.gather(*(stream(stub, p, gen, a) for p, a in zip(prompts, adapters, strict=True)))
             conn.send({"results": results, "cpu": time.process_time() - cpu})
 
     asyncio.run(run())
 
 
-def served(target: str, prompts: list[list[int]], gen: int, pids: dict[str, int], clients: int) -> dict:
+def served(target: str, prompts: list[list[int]], gen: int, pids: dict[str, int], clients: int,
+           adapters: list[str] | None = None) -> dict:
     """All streams at once from ``clients`` processes (one Python client process cannot read
-    ~15k messages/s: it would measure itself)."""
+    ~15k messages/s: it would measure itself); stream i on ``adapters[i]`` ("" = the base model)."""
     ctx = multiprocessing.get_context("spawn")
+    names = adapters or [""] * len(prompts)
     pipes, procs = [], []
     for i in range(clients):
         parent, child = ctx.Pipe()
-        procs.append(ctx.Process(target=client_process, args=(target, prompts[i::clients], gen, child)))
+        procs.append(ctx.Process(target=client_process, args=(target, prompts[i::clients], gen, child,
+                                                             names[i::clients])))
         procs[-1].start()
         pipes.append(parent)
     for pipe in pipes:
@@ -151,6 +158,7 @@ def served(target: str, prompts: list[list[int]], gen: int, pids: dict[str, int]
     per_token = {f"{name}_cpu_us_per_token": round(1e6 * s / tokens, 1) for name, s in cpu.items()}
     return {"tok_s": round(tokens / (max(r["end"] for r in results) - start_at), 1),
             "ttft_ms_p50": round(float(np.percentile(ttft, 50)), 2),
+            "ttft_ms_p99": round(float(np.percentile(ttft, 99)), 2),
             "itl_ms_p50": round(float(np.percentile(itl, 50)), 3), "itl_ms_p99": round(float(np.percentile(itl, 99)), 3),
             "tpot_ms_p50": round(1000 * float(np.median([r["tpot"] for r in results])), 3),
             "tokens_per_message": round(tokens / sum(r["messages"] for r in results), 2), **per_token,
@@ -158,21 +166,25 @@ def served(target: str, prompts: list[list[int]], gen: int, pids: dict[str, int]
             "client_processes": clients}
 
 
-def serve_flags(model: Path, num: int, dtype: str, in_process: bool, extra: str) -> list[str]:
-    return ["--model", str(model), "--max-num-seqs", str(num), "--no-enable-lora", "--dtype", dtype,
+def serve_flags(model: Path, num: int, dtype: str, in_process: bool, extra: str, adapters: list[Path]) -> list[str]:
+    lora = (["--max-loras", str(len(adapters)), "--max-lora-rank", "16", "--adapter-roots", str(model.parent),
+             *(f for i, a in enumerate(adapters) for f in ("--preload", f"a{i}={a}"))] if adapters
+            else ["--no-enable-lora"])
+    return ["--model", str(model), "--max-num-seqs", str(num), *lora, "--dtype", dtype,
             "--max-model-len", "1024", "--log-level", "warning",
             "--no-engine-process" if in_process else "--engine-process", *shlex.split(extra)]
 
 
 def run_served(model: Path, prompts: list[list[int]], args: argparse.Namespace, dtype: str, in_process: bool,
-               log_dir: Path) -> dict:
+               log_dir: Path, adapters: list[Path] | None = None) -> dict:
     wrap = ["-m", "cProfile", "-o", args.profile_server] if args.profile_server and not in_process else []
-    stack: Stack = start_serve(serve_flags(model, len(prompts), dtype, in_process, args.serve_args), log_dir,
-                               wrap=wrap)
+    stack: Stack = start_serve(serve_flags(model, len(prompts), dtype, in_process, args.serve_args, adapters or []),
+                               log_dir, wrap=wrap)
+    names = [f"a{i % len(adapters)}" for i in range(len(prompts))] if adapters else None
     try:
         pid = stack.procs[0].pid
         pids = {"server": pid} if in_process else {"front_end": pid, "core": core_pid(pid)}
-        res = served(stack.target, prompts, args.gen, pids, args.clients)
+        res = served(stack.target, prompts, args.gen, pids, args.clients, names)
     finally:
         stack.stop()
     return res
@@ -185,6 +197,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--in-process", action="store_true", help="also serve with the core on a server thread")
+    ap.add_argument("--adapters", type=int, default=0, help="also serve round-robin over N preloaded adapters")
     ap.add_argument("--profile-server", default="", help="cProfile stats of the server process to this file")
     ap.add_argument("--serve-args", default="", help="more `loraplex serve` flags")
     ap.add_argument("--clients", type=int, default=4 if (os.cpu_count() or 1) >= 12 else 1,
@@ -198,7 +211,7 @@ def main() -> None:
                  "date": time.strftime("%Y-%m-%d"), "shape": args.shape, "streams": args.streams,
                  "prompt": args.prompt, "gen": args.gen, "serve_args": args.serve_args}
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_model(Path(tmp) / "model", SHAPES[args.shape], device)
+        model, adapters = write_model(Path(tmp) / "model", SHAPES[args.shape], device, args.adapters)
         out["engine_tok_s"] = round(engine_alone(model, prompts, args.gen, dtype), 1)
         for name, in_process in (("served", False), ("served_in_process", True)):
             if in_process and not args.in_process:
@@ -207,6 +220,12 @@ def main() -> None:
             res["over_engine"] = round(res["tok_s"] / out["engine_tok_s"], 3)
             res["itl_p99_over_p50"] = round(res["itl_ms_p99"] / res["itl_ms_p50"], 2)
             out[name] = res
+        if adapters:
+            res = run_served(model, prompts, args, dtype, False, Path(tmp), adapters)
+            res["lora_over_base"] = round(res["tok_s"] / out["served"]["tok_s"], 3)
+            res["lora_ttft_p99_over_base"] = round(res["ttft_ms_p99"] / out["served"]["ttft_ms_p99"], 2)
+            res["adapters"] = len(adapters)
+            out["served_lora"] = res
     print(json.dumps(out, indent=1))
     for folder in filter(None, (os.environ.get("OUT"), str(Path(__file__).parent / "results"))):
         Path(folder).mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
 # the nano-vllm workload, the HF+PEFT baseline and the served-path benchmark.
 # Results go to $OUT (or .out/) and bench/results/.
 # Usage: bash scripts/gpu_suite.sh [tests|bench|serve|profile|gemv|quick|all]
+#        PLAN=scripts/gpu_plans/FILE bash scripts/gpu_suite.sh plan   # one step per line: NAME SECONDS COMMAND
 # quick: the least that proves a round on a short device budget: GPU kernel tests (QUICK_TESTS), engine
 # cases QUICK_CASES, the GEMM sweep writing its table (QUICK_SWEEP: its arguments), engine cases
 # QUICK_CASES_B (after the sweep), nano-vllm.
@@ -63,6 +64,12 @@ if [[ $what == serve || $what == all ]]; then
   [[ -f bench/serve_throughput.py ]] && step serve_throughput 400 python3 bench/serve_throughput.py
   TAIL=40 step served_vs_engine 500 python3 bench/served_vs_engine.py --shape qwen3-0.6b ${SERVED_ARGS:-}
   [[ -n ${SERVE_SUITE:-} ]] && step serve_suite 500 bash bench/serve_suite.sh --suite "$SERVE_SUITE"
+fi
+if [[ $what == plan ]]; then  # steps from $PLAN, in order (a session's calls, written down before they run)
+  while read -r -u 3 name limit cmd; do
+    [[ -z ${name:-} || $name == \#* ]] && continue
+    TAIL=${TAIL:-30} step "$name" "$limit" bash -c "$cmd" </dev/null
+  done 3<"$PLAN"
 fi
 # only what this call wrote comes back ($OUT returns at most 8 files)
 find bench/results -name '*.json' -newer "$pkg" -exec cp {} "$OUT/" \; 2>/dev/null
