@@ -122,7 +122,7 @@ class StructuredOutputs:
     def warm_up(self, device: torch.device) -> None:
         """Compiles the bitmask kernel (one kernel serves every batch size)."""
         logits = torch.zeros((1, self.vocab_size), dtype=torch.float32, device=device)
-        apply_token_bitmask(logits, self.bitmask_buffer(1, device).to(device), [0])
+        apply_token_bitmask(logits, self.bitmask_buffer(1, device).to(device), [0], vocab=self.mask_vocab)
 
     def bitmask_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
         """A CPU int32 [rows, ceil(mask_vocab/32)] view of a reused buffer (pinned when the device is a GPU)."""
@@ -238,8 +238,9 @@ def apply_grammar_bitmask(logits: torch.Tensor, seqs: list[Any]) -> None:
     owner = grammars[0].owner
     bitmask = owner.bitmask_buffer(len(seqs), logits.device)
     owner.batch_matcher().batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, indices=rows)
-    # the mask covers the tokenizer's ids; the model's padded ids past them become -inf too
-    apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True), rows)
+    # the mask covers the tokenizer's ids; the model's padded ids past them become -inf too (the
+    # last word's bits past mask_vocab are padding xgrammar never writes: `vocab` forbids them)
+    apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True), rows, vocab=owner.mask_vocab)
 
 
 def after_token(seq: Any, out: RequestOutput) -> None:

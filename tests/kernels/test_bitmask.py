@@ -43,6 +43,25 @@ def test_triton_matches_torch_and_xgrammar(batch: int, vocab: int, words: int, r
     assert torch.equal(ours[:, :covered].float().cpu(), part)
 
 
+@pytest.mark.parametrize(("vocab", "words", "mask_vocab"), [(288, 9, 265), (300, 9, 265), (70, 3, 70), (96, 3, 33)])
+def test_padding_bits_past_the_mask_vocabulary_are_forbidden(vocab: int, words: int, mask_vocab: int) -> None:
+    """The last word's bits past ``vocab=`` are padding (xgrammar leaves whatever they held, and the
+    engine's reused buffer holds old masks): set to 1 here, they must still forbid their ids."""
+    logits, _ = case(3, vocab, words, torch.float32, seed=vocab + mask_vocab)
+    bitmask = torch.full((3, words), -1, dtype=torch.int32, device=DEVICE)  # every bit allowed
+    bitmask[1, 0] = 0b1010  # row 1: ids 1 and 3 only, then the rest of the allowed words
+    ours, ref = logits.clone(), logits.clone()
+    apply_token_bitmask(ours, bitmask, [0, 1], vocab=mask_vocab, backend="triton")
+    apply_token_bitmask(ref, bitmask, [0, 1], vocab=mask_vocab, backend="torch")
+    assert torch.equal(ours, ref)
+    for r in (0, 1):
+        allowed = (ours[r] != float("-inf")).nonzero().flatten().tolist()
+        assert max(allowed) == mask_vocab - 1
+        expect = [j for j in range(mask_vocab) if r == 0 or j >= 32 or j in (1, 3)]
+        assert allowed == expect
+    assert torch.equal(ours[2], logits[2])
+
+
 def test_a_tensor_of_rows_and_an_empty_row_set() -> None:
     logits, bitmask = case(4, 96, 3, torch.float32, seed=1)
     ours, ref = logits.clone(), logits.clone()

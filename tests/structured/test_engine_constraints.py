@@ -97,3 +97,29 @@ def test_random_model_outputs_satisfy_their_constraints(tmp_path) -> None:
     check()
     print(f"{len(examples)} batches, {sum(examples)} constrained requests")
     assert len(examples) >= 8 and llm.engine.scheduler.num_preemptions > 0, "the test must force preemption"
+
+
+def test_ids_past_the_tokenizer_are_never_sampled_under_a_grammar(tmp_path) -> None:
+    """A model whose vocabulary is padded past the tokenizer's (Qwen's 151,936 rows for ~151,665
+    tokens): xgrammar sets the mask's padding bits (the last word's, past the tokenizer) to 1
+    inside strings, so they must be forbidden by the mask's width, not by its bits. With a zero LM
+    head every token is equally likely at temperature 1, padded ids included."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.tokenizers_factory import byte_level_bpe
+
+    spelled = len(byte_level_bpe())
+    base = write_tiny_model(tmp_path / "base", "qwen3", vocab_size=spelled + 23, tie_word_embeddings=False)
+    weights = load_file(base / "model.safetensors")
+    weights["lm_head.weight"] = torch.zeros_like(weights["lm_head.weight"])
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    llm = LLM(str(base), dtype="float32", enable_lora=False)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, structured_outputs={"json": schema})
+              for i in range(8)]
+    outs = llm.generate(["user: a name\nassistant:"] * 8, params)
+    for out in outs:
+        assert out.finish_reason in ("stop", "length"), (out.finish_reason, out.text)
+        assert max(out.token_ids) < spelled, out.token_ids
+    assert sum(len(o.token_ids) for o in outs) > 100  # long strings: thousands of chances at a padded id
