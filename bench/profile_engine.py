@@ -99,11 +99,21 @@ def host_table(llm, batch: int, prompt_len: int, gen: int, rows: int = 30, struc
     print(f"\nhost, batch {batch} x {prompt_len}/{gen}: {steps} steps, {1e3 * plain / steps:.3f} ms/step unprofiled "
           f"({batch * gen / plain:.0f} tok/s), {1e3 * profiled / steps:.3f} ms/step under cProfile")
     print(buf.getvalue()[-6000:])
-    top = [{"function": f"{Path(fn[0]).name}:{fn[1]}({fn[2]})", "calls": st[1],
-            "own_ms_per_step": round(1e3 * st[2] / steps, 4), "cum_ms_per_step": round(1e3 * st[3] / steps, 4)}
-           for fn, st in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:rows]]  # type: ignore[attr-defined]
+    top = top_functions(prof, steps, rows)
     return {"batch": batch, "steps": steps, "ms_per_step": round(1e3 * plain / steps, 3),
             "tok_s": round(batch * gen / plain), "profiled_ms_per_step": round(1e3 * profiled / steps, 3), "top": top}
+
+
+HOST_SAMPLE = 8  # steps of each kind under cProfile in step_trace
+
+
+def top_functions(prof: cProfile.Profile, steps: int, rows: int) -> list[dict]:
+    """The ``rows`` functions with the most own time, per step."""
+    stats = pstats.Stats(prof)
+    return [{"function": f"{Path(fn[0]).name}:{fn[1]}({fn[2]})", "calls": st[1],
+             "calls_per_step": round(st[1] / steps, 1),
+             "own_ms_per_step": round(1e3 * st[2] / steps, 4), "cum_ms_per_step": round(1e3 * st[3] / steps, 4)}
+            for fn, st in sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:rows]]  # type: ignore[attr-defined]
 
 
 def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: int, weight_bytes: int,
@@ -158,11 +168,25 @@ def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: 
             prof_state["prof"].__enter__()
             prof_state["kind"], prof_state["left"] = kind, windows[kind]
         ctx = sum(int(r.start) + r.num_new_tokens for r in out.requests)
-        steps.append({"t": time.perf_counter(), "kind": kind, "rows": len(out.requests),
-                      "tokens": sum(r.num_new_tokens for r in out.requests), "ctx": ctx,
-                      "profiled": prof_state["prof"] is not None})
-        return launch(out, *a, **kw)
+        step = {"t": time.perf_counter(), "kind": kind, "rows": len(out.requests),
+                "tokens": sum(r.num_new_tokens for r in out.requests), "ctx": ctx,
+                "profiled": prof_state["prof"] is not None}
+        steps.append(step)
+        host = host_profiles.get(kind)
+        sample = host is not None and host[1] < HOST_SAMPLE and not step["profiled"] and len(steps) > 4
+        if sample:
+            host[0].enable()
+        t = time.perf_counter()
+        handle = launch(out, *a, **kw)
+        step["launch_s"] = time.perf_counter() - t
+        if sample:
+            host[0].disable()
+            host[1] += 1
+        return handle
 
+    # cProfile inside runner.launch (the host's part of building and launching a step) for a few
+    # steps of each kind: where an eager step's host time goes
+    host_profiles: dict[str, list] = {k: [cProfile.Profile(), 0] for k in ("mixed", "prefill", "decode_graph")}
     runner.launch = timed
     params = [SamplingParams(temperature=0.0, max_tokens=o, min_tokens=o, ignore_eos=True) for o in outputs]
     preempt0 = llm.engine.stats.preemptions
@@ -178,9 +202,11 @@ def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: 
     for s, end in zip(steps, ends, strict=True):
         if s["profiled"]:
             continue
-        k = kinds.setdefault(s["kind"], {"steps": 0, "seconds": 0.0, "floor_s": 0.0, "rows": 0, "tokens": 0})
+        k = kinds.setdefault(s["kind"], {"steps": 0, "seconds": 0.0, "floor_s": 0.0, "rows": 0, "tokens": 0,
+                                         "launch_s": 0.0})
         k["steps"] += 1
         k["seconds"] += end - s["t"]
+        k["launch_s"] += s["launch_s"]
         k["floor_s"] += (weight_bytes + kv_per_token * s["ctx"]) / bw
         k["rows"] += s["rows"]
         k["tokens"] += s["tokens"]
@@ -190,6 +216,7 @@ def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: 
         k["pct_of_floor"] = round(100 * k["floor_s"] / k["seconds"], 1)
         k["mean_rows"] = round(k["rows"] / k["steps"], 1)
         k["mean_tokens"] = round(k["tokens"] / k["steps"], 1)
+        k["launch_ms_per_step"] = round(1e3 * k.pop("launch_s") / k["steps"], 3)
         k["seconds"], k["floor_s"] = round(k["seconds"], 3), round(k["floor_s"], 3)
     res = {"seconds": round(wall, 2), "output_tok_s": round(sum(outputs) / wall, 1), "steps": len(steps),
            "by_kind": kinds, "kernels": prof_state["tables"]}
@@ -207,12 +234,21 @@ def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: 
                              for b, (n, t, f) in sorted(buckets.items(), key=lambda kv: int(kv[0][2:]))}
     print(f"  {wall:.2f} s, {res['output_tok_s']} tok/s, {len(steps)} steps"
           + f", {res['preemptions']} preemptions")
-    print(f"  {'kind':<14} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'floor ms':>9} {'% floor':>8} {'rows':>6} {'tokens':>7}")
+    print(f"  {'kind':<14} {'steps':>6} {'seconds':>8} {'ms/step':>8} {'floor ms':>9} {'% floor':>8} {'rows':>6} "
+          f"{'tokens':>7} {'launch ms':>9}")
     for name, k in sorted(kinds.items(), key=lambda kv: -kv[1]["seconds"]):
         print(f"  {name:<14} {k['steps']:>6} {k['seconds']:>8} {k['ms_per_step']:>8} {k['floor_ms_per_step']:>9} "
-              f"{k['pct_of_floor']:>8} {k['mean_rows']:>6} {k['mean_tokens']:>7}")
+              f"{k['pct_of_floor']:>8} {k['mean_rows']:>6} {k['mean_tokens']:>7} {k['launch_ms_per_step']:>9}")
     for b, v in res["decode_by_rows"].items():
         print(f"  decode rows {b:<8} {v['steps']:>5} steps {v['ms_per_step']:>8} ms/step (floor {v['floor_ms']})")
+    res["host_in_launch"] = {}
+    for name, (prof, n) in host_profiles.items():
+        if n:
+            top = top_functions(prof, n, 15)
+            res["host_in_launch"][name] = {"steps": n, "top": top}
+            print(f"  host inside launch, {n} {name} steps (cProfile, ms per step by own time):")
+            for r in top:
+                print(f"    {r['function']:<80} {r['calls_per_step']:>7} {r['own_ms_per_step']:>8}")
     for name, tab in prof_state["tables"].items():
         print(f"  kernels of {windows[name]} {name} steps: device busy {tab['busy_ms_per_step']} ms/step")
         for r in tab["kernels"][:12]:

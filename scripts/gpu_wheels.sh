@@ -11,13 +11,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 NAMES=(grpcio protobuf grpcio-health-checking grpcio-reflection googleapis-common-protos
   opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions opentelemetry-proto
-  opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-proto-grpc importlib-metadata
+  opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-proto-grpc
   xgrammar apache-tvm-ffi pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types
-  annotated-doc typing-inspection openai jiter distro sniffio)
+  annotated-doc typing-inspection openai jiter distro sniffio
+  typing-extensions httpx2 httpcore2 truststore anyio idna opentelemetry-exporter-otlp-common)
 mkdir -p .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 for name in "${NAMES[@]}"; do
-  version=$("$PY" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
+  version=$("$PY" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p' || true)
   [[ -z $version ]] && { echo "skip $name (not installed here)"; continue; }
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
