@@ -20,6 +20,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import subprocess
 import sys
 import tempfile
 import time
@@ -291,6 +292,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="2048,16384", help="nano: max_num_batched_tokens values")
     ap.add_argument("--nano-num", type=int, default=256, help="nano: requests")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test of the script")
+    ap.add_argument("--out", default="profile_engine.json", help="JSON file name (bench/results and $OUT)")
     args = ap.parse_args()
     shape, device, dtype = (TINY, "cpu", "float32") if args.tiny else (QWEN3_06B, "cuda", "bfloat16")
     gen = 8 if args.tiny else 128
@@ -327,17 +329,26 @@ def main() -> None:
             prompts, outputs = nano_workload(num, max_len, min_len=10 if args.tiny else 100)
             bw = copy_bandwidth() if device == "cuda" else 50e9
             kv_per_token = kv_bytes_per_token(shape)  # bf16 (the tiny fp32 run's floor is only indicative)
-            for budget in map(int, args.budgets.split(",")):
+            budgets = [int(b) for b in args.budgets.split(",")]
+            if len(budgets) > 1 and device == "cuda":
+                # one process per budget: an engine's GPU memory is not all given back within a process,
+                # and the next engine would size its KV cache from what is left (and preempt all along)
+                for budget in budgets:
+                    subprocess.run([sys.executable, __file__, "--what", "nano", "--budgets", str(budget),
+                                    "--nano-num", str(num), "--out", f"profile_nano_{budget}.json"], check=False)
+                budgets = []
+            for budget in budgets:
                 llm = LLM(str(model), dtype=dtype, max_num_seqs=num, enable_lora=False, max_model_len=2 * max_len + 16,
                           max_num_batched_tokens=max(budget, 2 * max_len + 16))
                 llm.generate(prompts[:8], None)  # compiles
-                print(f"\nnano-vllm workload, max_num_batched_tokens={budget}:")
+                kv_tokens = llm.engine.kv.num_blocks * llm.engine.kv.block_size
+                print(f"\nnano-vllm workload, max_num_batched_tokens={budget}, KV cache {kv_tokens} tokens:")
                 res[f"nano_budget{budget}"] = step_trace(llm, prompts, outputs, kv_per_token,
                                                          weight_bytes(shape), bw,
                                                          {"decode_graph": 6, "mixed": 4})
                 llm = None
                 free()
-    save(res, "profile_engine.json")
+    save(res, args.out)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                  max_query_len, scale, sliding_window, mask)
 
 
+def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+            sliding_window: int | None = None, dtype: torch.dtype | None = None, *,
+            backend: Backend = "auto") -> None:
+    """Compiles, before serving, every Triton attention variant a step of this layer configuration
+    can launch (none compiles afterwards: the step-dependent integers are runtime values). The
+    torch path has nothing to compile."""
+    if use_triton(k_cache, backend):
+        from . import attention_triton
+
+        attention_triton.warm_up(num_heads, k_cache, v_cache, scale, sliding_window, dtype or k_cache.dtype)
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                           seq_lens: torch.Tensor, query_lens: torch.Tensor, query_index: torch.Tensor,
                           max_query_len: int, scale: float, sliding_window: int | None = None,

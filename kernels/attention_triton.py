@@ -17,11 +17,14 @@ Nothing here reads a tensor value on the host.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .variants import count_compiled
 
 LOG2E = 1.4426950408889634
 TARGET_PROGRAMS = 512  # decode: split the context until the launch has about this many programs
@@ -41,20 +44,24 @@ PREFILL = {"block_m": 128, "block_n": 64, "warps": 8, "stages": 2}
 PREFILL_BIG = {"block_m": 64, "block_n": 32, "warps": 4, "stages": 2}
 
 
-@triton.jit
+# Everything that changes from step to step is a runtime integer Triton never specialises (it would
+# compile a new variant for a value equal to 1 or divisible by 16, or for each constexpr value: a
+# compile costs ~100 ms on the H200's host, more than a whole step): the query-tile count, the split
+# count and the block table's row stride (its width follows the longest context of the step).
+@triton.jit(do_not_specialize=["q_tiles", "splits", "s_bt"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     bt_ptr, seq_lens_ptr, qsl_ptr,
     scale_log2, window,
     s_qt, s_qh, s_kn, s_kb, s_kh, s_vn, s_vb, s_vh, s_ot, s_oh, s_bt,
-    H,
+    H, q_tiles, splits,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, Q_TILES: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, ROWS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-    b = tl.program_id(0) // Q_TILES
-    i0 = (tl.program_id(0) % Q_TILES) * BLOCK_Q
+    b = tl.program_id(0) // q_tiles
+    i0 = (tl.program_id(0) % q_tiles) * BLOCK_Q
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b)
@@ -81,8 +88,8 @@ def _attn_kernel(
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(ctx + i0 - window + 1, 0)
-    if SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(hi - lo, splits), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -118,9 +125,9 @@ def _attn_kernel(
         m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    if SPLITS > 1:  # partials [B, SPLITS, H, D] float32 and their log2-sum-exp2 [B, SPLITS, H]
+    if SPLIT:  # partials [B, splits, H, D] float32 and their log2-sum-exp2 [B, splits, H]
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-        part = (b * SPLITS + split).to(tl.int64) * H + heads
+        part = (b * splits + split).to(tl.int64) * H + heads
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
         tl.store(part_o_ptr + part[:, None] * D + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -128,9 +135,9 @@ def _attn_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _merge_splits_kernel(out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, s_ot, s_oh, H,
-                         D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+@triton.jit(do_not_specialize=["splits"])
+def _merge_splits_kernel(out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, s_ot, s_oh, H, splits,
+                         D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + b)
@@ -138,12 +145,12 @@ def _merge_splits_kernel(out_ptr, part_o_ptr, part_lse_ptr, qsl_ptr, s_ot, s_oh,
         return
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D_PAD)
-    part = (b * SPLITS + s).to(tl.int64) * H + h
-    lse = tl.load(part_lse_ptr + part, mask=s < SPLITS, other=float("-inf"))
+    part = (b * splits + s).to(tl.int64) * H + h
+    lse = tl.load(part_lse_ptr + part, mask=s < splits, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.math.exp2(lse - m)  # split 0 always holds keys, so m is finite
     w = w / tl.sum(w, 0)
-    o = tl.load(part_o_ptr + part[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None] & (d < D)[None, :],
+    o = tl.load(part_o_ptr + part[:, None] * D + d[None, :], mask=(s < splits)[:, None] & (d < D)[None, :],
                 other=0.0)
     out = tl.sum(o * w[:, None], 0)
     tl.store(out_ptr + q_start.to(tl.int64) * s_ot + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
@@ -215,6 +222,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     d_pad = triton.next_power_of_2(head_dim)
     window = sliding_window if sliding_window is not None and sliding_window > 0 else 0
     part_o = part_lse = out  # unused unless split
+    assert splits <= MAX_SPLITS, f"splits={splits} > MAX_SPLITS={MAX_SPLITS}"
     if splits > 1:
         part_o = torch.empty(num_seqs, splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, splits, num_heads, dtype=torch.float32, device=q.device)
@@ -222,16 +230,45 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, seq_lens, query_start_loc,
         scale * LOG2E, window,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
-        block_tables.stride(0), num_heads,
+        block_tables.stride(0), num_heads, q_tiles, splits,
         G=group, G_PAD=g_pad, D=head_dim, D_PAD=d_pad, BS=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
-        Q_TILES=q_tiles, SPLITS=splits, USE_WINDOW=window > 0, DOT_F32=_dot_f32(q.dtype), ROWS=rows,
+        SPLIT=splits > 1, USE_WINDOW=window > 0, DOT_F32=_dot_f32(q.dtype), ROWS=rows,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
-            out, part_o, part_lse, query_start_loc, out.stride(0), out.stride(1), num_heads,
-            D=head_dim, D_PAD=d_pad, SPLITS=splits, S_PAD=triton.next_power_of_2(splits), num_warps=4,
+            out, part_o, part_lse, query_start_loc, out.stride(0), out.stride(1), num_heads, splits,
+            D=head_dim, D_PAD=d_pad, S_PAD=triton.next_power_of_2(MAX_SPLITS), num_warps=4,
         )
+
+
+def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+            sliding_window: int | None, dtype: torch.dtype) -> None:
+    """Compiles every attention variant a step can launch for this layer configuration (decode
+    with and without splits, prefill tiles, the mixed step's multi-token and split one-token
+    launches, the split merge), so that serving compiles none. Reads the cache's block 0 only."""
+    _, block_size, _, head_dim = k_cache.shape
+    device = k_cache.device
+    wide = triton.cdiv(MIXED_SPLIT_MIN_KV, block_size)  # a table this wide takes the mixed split path
+
+    def run(query_lens: list[int], width: int, splits: int | None) -> None:
+        tokens = sum(query_lens)
+        q = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=device)
+        tables = torch.zeros(len(query_lens), width, dtype=torch.int32, device=device)
+        lens = torch.tensor(query_lens, dtype=torch.int32, device=device)  # the context is the query
+        starts = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=device)
+        paged_attention(q, k_cache, v_cache, tables, lens, starts, max(query_lens), scale, sliding_window,
+                        splits=splits)
+
+    for splits in (1, 2):
+        run([1, 1], 1, splits)  # decode
+        run([3, 1], wide, splits)  # mixed, long table: multi-token tiles, then split decode rows
+    run([3, 1], 1, None)  # prefill / mixed, short table: one launch of tiles
+
+
+def compiled_variants() -> int:
+    """Attention binaries compiled so far in this process (0 in the interpreter)."""
+    return count_compiled((_attn_kernel, _merge_splits_kernel, _write_kv_kernel))
 
 
 @triton.jit

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .lora_plan import LoRATiles
+from .variants import count_compiled
 
 MAX_SLICES = 3
 _PROGRAMS_PER_SM = 8  # split K / chunk columns until a launch has about this many programs per SM (v1: 1024 on H100)
@@ -320,8 +321,4 @@ def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: 
 
 def compiled_variants() -> int:
     """Kernel binaries compiled so far in this process, over the four kernels (0 in the interpreter)."""
-    total = 0
-    for k in KERNELS:
-        for cache in getattr(k, "device_caches", {}).values():
-            total += len(cache[0])
-    return total
+    return count_compiled(KERNELS)

@@ -109,6 +109,7 @@ class ModelRunner:
         self.last_sampled = torch.zeros(max(2 * max_num_seqs, 8), dtype=torch.int64, device=device)
         with torch.inference_mode():
             gemv.warm_up(p for p in model.parameters() if p.dim() == 2)  # skinny-GEMM kernels compile now
+            self._warm_up_attention()
         if cuda_graphs and device.type == "cuda":
             self.graphs = DecodeGraphs(model, block_size, num_blocks, max_blocks, max_num_seqs, device, with_lora,
                                        self.last_sampled)
@@ -118,6 +119,17 @@ class ModelRunner:
         # the tile table for it up front (else the first layer builds and uploads another one)
         self.lora_rank = next((m.lora_b.shape[2] for *_, m in model.lora_linears() if m.lora_b is not None),
                               DEFAULT_RANK)
+
+    def _warm_up_attention(self) -> None:
+        """Every attention variant compiles now, once per distinct layer configuration: a variant first
+        met while serving would stall its step by a compile (~0.1 s to 1 s)."""
+        seen = set()
+        for layer in cast("list[DecoderLayer]", self.model.layers):
+            attn = layer.self_attn.attn
+            key = (attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.sliding_window)
+            if key not in seen:
+                seen.add(key)
+                attn.warm_up()
 
     @staticmethod
     def bytes_per_block(model: DecoderModel, block_size: int, dtype: torch.dtype) -> int:

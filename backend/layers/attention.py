@@ -14,7 +14,7 @@ from torch import nn
 
 from loraplex.backend.layers.basic import RotaryEmbedding
 from loraplex.backend.layers.context import get_context
-from loraplex.kernels.attention import paged_attention
+from loraplex.kernels.attention import paged_attention, warm_up
 from loraplex.kernels.fused import qk_norm_rope_write_kv
 
 
@@ -32,6 +32,11 @@ class PagedAttention(nn.Module):
 
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
+
+    def warm_up(self) -> None:
+        """Compiles the attention kernels this layer's steps launch (the runner calls it at start-up)."""
+        assert self.k_cache is not None and self.v_cache is not None, "KV cache not allocated"
+        warm_up(self.num_heads, self.k_cache, self.v_cache, self.scale, self.sliding_window)
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor,
                 qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

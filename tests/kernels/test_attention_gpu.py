@@ -121,3 +121,33 @@ def test_write_kv_real_shapes():
     write_kv(k, v, expected[1, 0], expected[1, 1], slots, backend="torch")
     write_kv(k, v, kv[1, 0], kv[1, 1], slots)
     assert torch.equal(kv, expected)
+
+
+@pytest.mark.parametrize("window", [None, 4096])
+def test_no_new_kernel_variant_after_warm_up(window):
+    """After ``warm_up`` for a layer configuration, steps of any shape compile nothing: decode of
+    any batch and context, prefill chunks of any length, mixed steps over short and long tables.
+    (A compile in the middle of serving costs 0.1-1 s: the nano-vllm workload's mixed steps paid one
+    in most steps when the query-tile and split counts were compile-time constants.)"""
+    from loraplex.kernels import attention_triton
+    from loraplex.kernels.attention import warm_up
+
+    heads, kv_heads, head_dim = HEADS["qwen3-0.6b"]
+    cache = make_step([16], [1], heads, kv_heads, head_dim, 16, torch.bfloat16, device="cuda")
+    warm_up(heads, cache.k_cache, cache.v_cache, head_dim**-0.5, window)
+    before = attention_triton.compiled_variants()
+    assert before > 0
+    gen = torch.Generator().manual_seed(0)
+    for num_seqs in (1, 2, 7, 16, 33, 100, 256):
+        for long in (False, True):
+            seq_lens = torch.randint(1, 5000 if long else 1000, (num_seqs,), generator=gen).tolist()
+            decode = make_step(seq_lens, [1] * num_seqs, heads, kv_heads, head_dim, 16, torch.bfloat16,
+                               window=window, device="cuda")
+            run_triton(decode)
+            query_lens = [max(1, min(s, int(q))) for s, q in
+                          zip(seq_lens, torch.randint(1, 700, (num_seqs,), generator=gen).tolist(), strict=True)]
+            query_lens[0] = 1  # a decode row beside the chunks
+            mixed = make_step(seq_lens, query_lens, heads, kv_heads, head_dim, 16, torch.bfloat16, window=window,
+                              device="cuda")
+            check(run_triton(mixed), mixed.reference(), torch.bfloat16)
+    assert attention_triton.compiled_variants() == before

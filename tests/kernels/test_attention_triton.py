@@ -131,3 +131,23 @@ def test_mixed_step_with_split_decode_rows(monkeypatch, window):
     step = make_step([200, 1, 90, 7, 33], [1, 1, 40, 7, 1], 8, 2, 64, 16, window=window, device=DEVICE)
     check(run_triton(step), step.reference(), torch.float32)
     check(run_triton(step, splits=1), step.reference(), torch.float32)
+
+
+def test_warm_up_runs_every_launch_kind(monkeypatch):
+    """warm_up launches the decode (split and not), prefill and mixed long-table kernels (interpreted
+    on CPU: this checks the launches' arguments, the GPU test checks that nothing compiles later)."""
+    from loraplex.kernels import attention_triton
+
+    launches: list[tuple[int, int, int]] = []
+    real = attention_triton._launch
+
+    def spy(*args):
+        launches.append(args[-3:])  # (max_query_len, rows, splits)
+        return real(*args)
+
+    monkeypatch.setattr(attention_triton, "_launch", spy)
+    k_cache = torch.randn(4, 16, 2, 32)
+    attention_triton.warm_up(4, k_cache, torch.randn_like(k_cache), 32**-0.5, None, torch.float32)
+    decode_all, multi, decode_rows = attention_triton.ALL_ROWS, attention_triton.MULTI_ROWS, attention_triton.DECODE_ROWS
+    assert set(launches) == {(1, decode_all, 1), (1, decode_all, 2), (3, multi, 1), (1, decode_rows, 1),
+                             (1, decode_rows, 2), (3, decode_all, 1)}
