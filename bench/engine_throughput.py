@@ -6,8 +6,8 @@ submitted at once (one ``generate`` call). Cases:
   b32          Qwen3-0.6B shape, 32 x 128 in / 128 out; graphs and eager
   graphs_vs_eager  batch 1, 8, 32, 128, 256 (128 in / 128 out), CUDA graphs vs eager
   lora         LoRA enabled but idle, 1 adapter, N distinct adapters (rank 16, all 7 projections)
-  lora_overlap the same adapters with LoRALinear.overlap_shrink (decode graphs run the shrink on a side
-               stream beside the base GEMM)
+  lora_serial  the same adapters without LoRALinear.overlap_shrink (decode graphs run the shrink in line,
+               not on a side stream beside the base GEMM; round 4's lora_overlap measured the reverse)
   llama8b      Llama-3-8B shape, batch-1 decode
   structured   Qwen3-0.6B shape, 32 x 128/128, every request under a JSON schema vs none (the demo
                model's byte-level tokenizer, so that JSON can be spelled), same run
@@ -56,7 +56,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "lora_overlap", "structured", "llama8b", "llama8b_lora", "tp", "lora_many",
+ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "lora_serial", "structured", "llama8b", "llama8b_lora", "tp", "lora_many",
              "lora_loads")
 # 40+ strings: at least 130 bytes, so every constrained request runs its whole 128 tokens
 STRUCTURED_SCHEMA = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string"},
@@ -227,7 +227,7 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "copy_GBps": round(bw / 1e9), "matmul_TFLOPs": round(flops / 1e12)}
     with tempfile.TemporaryDirectory() as tmp:
-        n = args.adapters if {"lora", "lora_overlap"} & set(cases) else int("lora_many" in cases)
+        n = args.adapters if {"lora", "lora_serial"} & set(cases) else int("lora_many" in cases)
         qwen, adapters = write_model(Path(tmp) / "qwen", QWEN3_06B, "cuda", n)
         run_qwen_cases(res, qwen, adapters, cases, (bw, flops), args)
         save(res, args.out)
@@ -310,7 +310,7 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
             res["structured_json"]["tok_s"] / res["structured_off"]["tok_s"], 3)
         run.close()
         save(res, args.out)
-    if "lora" in cases or "lora_overlap" in cases:
+    if "lora" in cases or "lora_serial" in cases:
         from loraplex.backend.layers.lora import LoRALinear
 
         n = len(adapters)
@@ -318,10 +318,11 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
         one: list[str | None] = ["a0"] * 32
         spread: list[str | None] = [f"a{i % n}" for i in range(32)]
         runs: list[Case] = [("lora_idle", [None] * 32, 1, 1, False)]
-        for overlap, wanted, suffix in ((False, "lora", ""), (True, "lora_overlap", "_overlap")):
-            # lora_overlap: the decode graphs captured with the shrink on a side stream
+        for overlap, wanted, suffix in ((True, "lora", ""), (False, "lora_serial", "_serial")):
+            # lora_serial: the decode graphs captured with the shrink in line (no side stream)
             if wanted in cases:
                 runs += [("lora_1" + suffix, one, 1, 1, overlap), (f"lora_{n}" + suffix, spread, n, n, overlap)]
+        default = LoRALinear.overlap_shrink
         for key, names, loaded, max_loras, overlap in runs:
             LoRALinear.overlap_shrink = overlap
             try:
@@ -332,7 +333,7 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
                 res[key] = run.measure(32, 128, 128, names=names, profile=args.profile)
                 run.close()
             finally:
-                LoRALinear.overlap_shrink = False
+                LoRALinear.overlap_shrink = default
             if key != "lora_idle" and "lora_idle" in res:
                 res[key]["vs_idle"] = round(res[key]["tok_s"] / res["lora_idle"]["tok_s"], 3)
 

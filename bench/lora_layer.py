@@ -70,6 +70,7 @@ def graph_us(layers: list[list], inputs: dict[int, torch.Tensor], variant: str, 
             return None
         return LoRABatchMeta.on_device(slots, LoRAPlan("sgmv", 16) if variant.startswith("sgmv") else None)
 
+    default = LoRALinear.overlap_shrink
     LoRALinear.overlap_shrink = variant.endswith("+overlap")
     try:
         with forward_context(ForwardContext(None, meta())):  # type: ignore[arg-type]  # LoRA reads only .lora
@@ -79,7 +80,7 @@ def graph_us(layers: list[list], inputs: dict[int, torch.Tensor], variant: str, 
         with torch.cuda.graph(graph), forward_context(ForwardContext(None, meta())):  # type: ignore[arg-type]
             run_layers(layers, inputs)
     finally:
-        LoRALinear.overlap_shrink = False
+        LoRALinear.overlap_shrink = default
     graph.replay()
     times = []
     for _ in range(reps):

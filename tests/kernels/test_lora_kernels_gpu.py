@@ -183,6 +183,7 @@ def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, overlap: bool
     layer.set_lora(static.lora_a, static.lora_b, static.scales)
     x, slots = static.x.contiguous(), static.meta.token_slots.clone()
     graph = torch.cuda.CUDAGraph()
+    default = LoRALinear.overlap_shrink
     LoRALinear.overlap_shrink = overlap
     try:
         with torch.inference_mode():
@@ -192,7 +193,7 @@ def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, overlap: bool
             with torch.cuda.graph(graph), forward_context(ForwardContext(None, LoRABatchMeta.on_device(slots, plan))):  # type: ignore[arg-type]
                 out = layer(x)
     finally:
-        LoRALinear.overlap_shrink = False
+        LoRALinear.overlap_shrink = default
     for seed in (10, 11, 12):
         new = real_case("qwen3-0.6b", "qkv", new_slots(64, seed), seed=seed, ranks=[16] * 64)
         x.copy_(new.x)
