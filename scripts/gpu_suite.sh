@@ -8,7 +8,7 @@
 # quick: the least that proves a round on a short device budget: GPU kernel tests (QUICK_TESTS), engine
 # cases QUICK_CASES, the GEMM sweep writing its table (QUICK_SWEEP: its arguments), engine cases
 # QUICK_CASES_B (after the sweep), nano-vllm.
-# Missing Python packages travel as wheels in .whl/ (see README "GPU"); ../shared/bench in .gpu_carry/.
+# Missing Python packages travel as wheels in .whl/ (bash scripts/gpu_wheels.sh fills it); ../shared/bench in .gpu_carry/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.out}; mkdir -p "$OUT" bench/results; export OUT PYTHONUNBUFFERED=1
