@@ -255,7 +255,9 @@ def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale:
         tokens = sum(query_lens)
         q = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=device)
         tables = torch.zeros(len(query_lens), width, dtype=torch.int32, device=device)
-        lens = torch.tensor(query_lens, dtype=torch.int32, device=device)  # the context is the query
+        # the engine's dtypes (a pointer's element type is part of a variant's key): int32 block
+        # tables and query starts, int64 context lengths
+        lens = torch.tensor(query_lens, dtype=torch.int64, device=device)  # the context is the query
         starts = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=device)
         paged_attention(q, k_cache, v_cache, tables, lens, starts, max(query_lens), scale, sliding_window,
                         splits=splits)

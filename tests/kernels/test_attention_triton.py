@@ -133,16 +133,23 @@ def test_mixed_step_with_split_decode_rows(monkeypatch, window):
     check(run_triton(step, splits=1), step.reference(), torch.float32)
 
 
-def test_warm_up_runs_every_launch_kind(monkeypatch):
+def test_warm_up_runs_every_launch_kind(monkeypatch, tmp_path):
     """warm_up launches the decode (split and not), prefill and mixed long-table kernels (interpreted
-    on CPU: this checks the launches' arguments, the GPU test checks that nothing compiles later)."""
+    on CPU: this checks the launches' arguments, the GPU test checks that nothing compiles later),
+    with the index dtypes of the engine's own steps (a pointer's element type is part of a compiled
+    variant's key, so an int32 warm-up would not serve int64 steps)."""
+    from loraplex import LLM
+    from loraplex.backend.layers import attention as layer_module
     from loraplex.kernels import attention_triton
+    from tests.engine_factory import write_tiny_model
 
     launches: list[tuple[int, int, int]] = []
+    warm_dtypes: set[tuple[torch.dtype, ...]] = set()
     real = attention_triton._launch
 
     def spy(*args):
         launches.append(args[-3:])  # (max_query_len, rows, splits)
+        warm_dtypes.add((args[4].dtype, args[5].dtype, args[6].dtype))  # tables, seq_lens, query starts
         return real(*args)
 
     monkeypatch.setattr(attention_triton, "_launch", spy)
@@ -151,3 +158,15 @@ def test_warm_up_runs_every_launch_kind(monkeypatch):
     decode_all, multi, decode_rows = attention_triton.ALL_ROWS, attention_triton.MULTI_ROWS, attention_triton.DECODE_ROWS
     assert set(launches) == {(1, decode_all, 1), (1, decode_all, 2), (3, multi, 1), (1, decode_rows, 1),
                              (1, decode_rows, 2), (3, decode_all, 1)}
+
+    step_dtypes: set[tuple[torch.dtype, ...]] = set()
+    layer_call = layer_module.paged_attention
+
+    def engine_spy(q, k_cache, v_cache, block_tables, seq_lens, *args, **kwargs):
+        step_dtypes.add((block_tables.dtype, seq_lens.dtype, kwargs["query_start_loc"].dtype))
+        return layer_call(q, k_cache, v_cache, block_tables, seq_lens, *args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "paged_attention", engine_spy)
+    llm = LLM(str(write_tiny_model(tmp_path / "m")), dtype="float32", enable_lora=False)
+    llm.generate([[1, 2, 3, 4, 5]], None)  # a prefill step and decode steps
+    assert step_dtypes == warm_dtypes
