@@ -9,6 +9,7 @@ under 32 MiB after warm-up, and no new peak 16 MiB above the first half's in the
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -67,13 +68,16 @@ def flood(served: ServeProcess, mode: str) -> list[list]:
     return json.loads(out.stdout.splitlines()[0])
 
 
+TICK_ENDS: collections.Counter[str] = collections.Counter()  # how settle's own requests ended
+
+
 def settle(served: ServeProcess) -> str:
     """The /metrics text once nothing runs, waits or streams (a tiny request makes the engine step,
     which refreshes its gauges); fails after 30 s."""
     deadline = time.monotonic() + 30
     with Client(served.target) as client:
         while True:
-            client.generate(chat_request("tick", max_tokens=2), timeout=30)
+            TICK_ENDS[client.generate(chat_request("tick", max_tokens=2), timeout=30).finish_reason] += 1
             text = served.scrape()
             idle = all(metric_value(text, name) == 0 for name in (
                 "loraplex_kv_cache_blocks_used", "loraplex_num_requests_running", "loraplex_num_requests_waiting",
@@ -95,6 +99,7 @@ def test_repeated_floods_and_vanishing_clients_leave_memory_and_kv_flat(served: 
     for i in range(ROUNDS):
         mode = MODES[i % len(MODES)]
         before = metric_value(text, "loraplex_requests_total", 'outcome="cancelled"')
+        before_length = metric_value(text, "loraplex_requests_total", 'outcome="length"') - TICK_ENDS["length"]
         results = flood(served, mode)
         admitted = [r for r in results if r[0] != "RESOURCE_EXHAUSTED"]
         # a cancelled stream frees its place at once, so a cancelling client gets more in
@@ -105,9 +110,18 @@ def test_repeated_floods_and_vanishing_clients_leave_memory_and_kv_flat(served: 
                      "loraplex_num_requests_waiting", "loraplex_grpc_streams_in_flight"):
             assert metric_value(text, name) == 0, (mode, name)
         assert metric_value(text, "loraplex_kv_cache_blocks") == blocks  # every block free again
-        if mode != "end":  # the server saw each admitted stream end early, however its client left
-            cancelled = metric_value(text, "loraplex_requests_total", 'outcome="cancelled"') - before
+        cancelled = metric_value(text, "loraplex_requests_total", 'outcome="cancelled"') - before
+        if mode == "cancel":  # the server saw each admitted stream end early when its client cancelled
             assert cancelled == len(admitted), (mode, cancelled)
+        elif mode == "vanish":
+            # every admitted stream ended exactly once: cancelled when the server saw the connection
+            # drop, or run to its length if it was already finishing when its client exited (a
+            # running stream's last tokens can beat the disconnect on a quiet machine); none that
+            # was still waiting ran
+            ended_by_length = metric_value(text, "loraplex_requests_total", 'outcome="length"') - TICK_ENDS["length"]
+            ran_out = ended_by_length - before_length - 1  # the flood client's warm-up call runs to its length
+            waiting = sum(r[0] == "WAITING" for r in results)
+            assert cancelled + ran_out == len(admitted) and cancelled >= waiting, (mode, cancelled, ran_out, waiting)
         rss.append((rss_kib(served.proc.pid), rss_kib(core)))
     print("RSS MiB (server, core) per round:", [(s // MIB, c // MIB) for s, c in rss])
     half = len(rss) // 2
