@@ -83,15 +83,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-            sliding_window: int | None = None, dtype: torch.dtype | None = None, *,
-            backend: Backend = "auto") -> None:
+            sliding_window: int | None = None, *, backend: Backend = "auto") -> None:
     """Compiles, before serving, every Triton attention variant a step of this layer configuration
     can launch (none compiles afterwards: the step-dependent integers are runtime values). The
     torch path has nothing to compile."""
     if use_triton(k_cache, backend):
         from . import attention_triton
 
-        attention_triton.warm_up(num_heads, k_cache, v_cache, scale, sliding_window, dtype or k_cache.dtype)
+        attention_triton.warm_up(num_heads, k_cache, v_cache, scale, sliding_window)
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

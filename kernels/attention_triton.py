@@ -243,7 +243,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
 
 
 def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-            sliding_window: int | None, dtype: torch.dtype) -> None:
+            sliding_window: int | None) -> None:
     """Compiles every attention variant a step can launch for this layer configuration (decode
     with and without splits, prefill tiles, the mixed step's multi-token and split one-token
     launches, the split merge), so that serving compiles none. Reads the cache's block 0 only."""
@@ -253,7 +253,7 @@ def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale:
 
     def run(query_lens: list[int], width: int, splits: int | None) -> None:
         tokens = sum(query_lens)
-        q = torch.zeros(tokens, num_heads, head_dim, dtype=dtype, device=device)
+        q = torch.zeros(tokens, num_heads, head_dim, dtype=k_cache.dtype, device=device)  # q has the cache's dtype
         tables = torch.zeros(len(query_lens), width, dtype=torch.int32, device=device)
         # the engine's dtypes (a pointer's element type is part of a variant's key): int32 block
         # tables and query starts, int64 context lengths

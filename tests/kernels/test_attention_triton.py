@@ -154,7 +154,7 @@ def test_warm_up_runs_every_launch_kind(monkeypatch, tmp_path):
 
     monkeypatch.setattr(attention_triton, "_launch", spy)
     k_cache = torch.randn(4, 16, 2, 32)
-    attention_triton.warm_up(4, k_cache, torch.randn_like(k_cache), 32**-0.5, None, torch.float32)
+    attention_triton.warm_up(4, k_cache, torch.randn_like(k_cache), 32**-0.5, None)
     decode_all, multi, decode_rows = attention_triton.ALL_ROWS, attention_triton.MULTI_ROWS, attention_triton.DECODE_ROWS
     assert set(launches) == {(1, decode_all, 1), (1, decode_all, 2), (3, multi, 1), (1, decode_rows, 1),
                              (1, decode_rows, 2), (3, decode_all, 1)}
