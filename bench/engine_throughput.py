@@ -5,9 +5,11 @@ submitted at once (one ``generate`` call). Cases:
   decode1      Qwen3-0.6B shape, batch-1 decode (16-token prompt, 512 generated): ms/token
   b32          Qwen3-0.6B shape, 32 x 128 in / 128 out; graphs and eager
   graphs_vs_eager  batch 1, 8, 32, 128, 256 (128 in / 128 out), CUDA graphs vs eager
-  lora         LoRA enabled but idle, 1 adapter, N distinct adapters (rank 16, all 7 projections)
-  lora_serial  the same adapters without LoRALinear.overlap_shrink (decode graphs run the shrink in line,
-               not on a side stream beside the base GEMM; round 4's lora_overlap measured the reverse)
+  lora         LoRA enabled but idle, 1 adapter, N distinct adapters (rank 16, all 7 projections), with
+               LoRALinear.mode as the server runs it
+  lora_fused, lora_overlap, lora_serial   the same adapters in one LoRALinear.mode each (fused: shrink and
+               expand in one kernel; overlap: two kernels, the shrink on a side stream beside the base GEMM
+               in decode graphs; serial: two kernels in line)
   llama8b      Llama-3-8B shape, batch-1 decode
   structured   Qwen3-0.6B shape, 32 x 128/128, every request under a JSON schema vs none (the demo
                model's byte-level tokenizer, so that JSON can be spelled), same run
@@ -56,7 +58,8 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "lora_serial", "structured", "llama8b", "llama8b_lora", "tp", "lora_many",
+LORA_CASES = {"lora": "", "lora_fused": "fused", "lora_overlap": "overlap", "lora_serial": "serial"}
+ALL_CASES = ("decode1", "b32", "graphs_vs_eager", "lora", "lora_overlap", "lora_serial", "structured", "llama8b", "llama8b_lora", "tp", "lora_many",
              "lora_loads")
 # 40+ strings: at least 130 bytes, so every constrained request runs its whole 128 tokens
 STRUCTURED_SCHEMA = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string"},
@@ -227,7 +230,7 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "copy_GBps": round(bw / 1e9), "matmul_TFLOPs": round(flops / 1e12)}
     with tempfile.TemporaryDirectory() as tmp:
-        n = args.adapters if {"lora", "lora_serial"} & set(cases) else int("lora_many" in cases)
+        n = args.adapters if set(LORA_CASES) & set(cases) else int("lora_many" in cases)
         qwen, adapters = write_model(Path(tmp) / "qwen", QWEN3_06B, "cuda", n)
         run_qwen_cases(res, qwen, adapters, cases, (bw, flops), args)
         save(res, args.out)
@@ -310,32 +313,34 @@ def run_qwen_cases(res: dict, model: Path, adapters: list[Path], cases: list[str
             res["structured_json"]["tok_s"] / res["structured_off"]["tok_s"], 3)
         run.close()
         save(res, args.out)
-    if "lora" in cases or "lora_serial" in cases:
+    if set(LORA_CASES) & set(cases):
         from loraplex.backend.layers.lora import LoRALinear
 
         n = len(adapters)
-        Case = tuple[str, list[str | None], int, int, bool]  # key, adapter of each request, loaded, max_loras, overlap
+        Case = tuple[str, list[str | None], int, int, str]  # key, adapter of each request, loaded, max_loras, mode
         one: list[str | None] = ["a0"] * 32
         spread: list[str | None] = [f"a{i % n}" for i in range(32)]
-        runs: list[Case] = [("lora_idle", [None] * 32, 1, 1, False)]
-        for overlap, wanted, suffix in ((True, "lora", ""), (False, "lora_serial", "_serial")):
-            # lora_serial: the decode graphs captured with the shrink in line (no side stream)
+        default = LoRALinear.mode
+        runs: list[Case] = [("lora_idle", [None] * 32, 1, 1, default)]
+        for wanted, mode in LORA_CASES.items():
             if wanted in cases:
-                runs += [("lora_1" + suffix, one, 1, 1, overlap), (f"lora_{n}" + suffix, spread, n, n, overlap)]
-        default = LoRALinear.overlap_shrink
-        for key, names, loaded, max_loras, overlap in runs:
-            LoRALinear.overlap_shrink = overlap
+                suffix = f"_{mode}" if mode else ""
+                runs += [("lora_1" + suffix, one, 1, 1, mode or default), (f"lora_{n}" + suffix, spread, n, n, mode or default)]
+        for key, names, loaded, max_loras, mode in runs:
+            LoRALinear.mode = mode  # type: ignore[assignment]
             try:
                 run = Run(model, s, ceilings, max_num_seqs=32, max_loras=max_loras, max_model_len=2048,
                           adapter_roots=[str(model.parent)])
                 for i, path in enumerate(adapters[:loaded]):
                     run.llm.load_adapter(f"a{i}", str(path))
                 res[key] = run.measure(32, 128, 128, names=names, profile=args.profile)
+                res[key]["lora_mode"] = mode
                 run.close()
             finally:
-                LoRALinear.overlap_shrink = default
+                LoRALinear.mode = default
             if key != "lora_idle" and "lora_idle" in res:
                 res[key]["vs_idle"] = round(res[key]["tok_s"] / res["lora_idle"]["tok_s"], 3)
+            save(res, args.out)  # each run as it ends (a short device call keeps what finished)
 
 
 def save(res: dict, name: str) -> None:

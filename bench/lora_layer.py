@@ -3,10 +3,12 @@ decoder layer (base GEMM + LoRA, LoRALinear as the engine runs it) of Qwen3-0.6B
 shapes, captured in one CUDA graph per variant, bf16, rank 16, 64 slots:
 
   base           no adapter rows (LoRA skipped), the floor to compare with
-  bgmv           what the decode graphs capture today (LoRABatchMeta with slots only on the device)
-  bgmv+overlap   the same with LoRALinear.overlap_shrink (shrink on a side stream beside the GEMM)
+  bgmv           BGMV as the decode graphs capture it (LoRABatchMeta with slots only on the device),
+                 LoRALinear.mode "serial": shrink and expand kernels in line
+  bgmv+overlap   mode "overlap": the shrink on a side stream beside the base GEMM
+  bgmv+fused     mode "fused": shrink and expand in one kernel
   sgmv           SGMV with its tile table built on the device inside the graph (16-row tiles)
-  sgmv+overlap
+  sgmv+overlap, sgmv+fused
 
 for decode batches of T tokens on 1 adapter or T distinct ones. Prints µs per layer and LoRA's
 overhead in % of the base layer; JSON to --out (default bench/results/) and $OUT.
@@ -30,7 +32,7 @@ SHAPES = {  # hidden, intermediate, q, kv, layers
     "llama3-8b": (4096, 14336, 4096, 1024, 32),
 }
 RANK, SLOTS = 16, 64
-VARIANTS = ("base", "bgmv", "bgmv+overlap", "sgmv", "sgmv+overlap")
+VARIANTS = ("base", "bgmv", "bgmv+overlap", "bgmv+fused", "sgmv", "sgmv+overlap", "sgmv+fused")
 
 
 def make_layers(hidden: int, inter: int, q: int, kv: int, num_layers: int) -> list[list]:
@@ -70,8 +72,8 @@ def graph_us(layers: list[list], inputs: dict[int, torch.Tensor], variant: str, 
             return None
         return LoRABatchMeta.on_device(slots, LoRAPlan("sgmv", 16) if variant.startswith("sgmv") else None)
 
-    default = LoRALinear.overlap_shrink
-    LoRALinear.overlap_shrink = variant.endswith("+overlap")
+    default = LoRALinear.mode
+    LoRALinear.mode = "fused" if variant.endswith("+fused") else "overlap" if variant.endswith("+overlap") else "serial"
     try:
         with forward_context(ForwardContext(None, meta())):  # type: ignore[arg-type]  # LoRA reads only .lora
             run_layers(layers, inputs)
@@ -80,7 +82,7 @@ def graph_us(layers: list[list], inputs: dict[int, torch.Tensor], variant: str, 
         with torch.cuda.graph(graph), forward_context(ForwardContext(None, meta())):  # type: ignore[arg-type]
             run_layers(layers, inputs)
     finally:
-        LoRALinear.overlap_shrink = default
+        LoRALinear.mode = default
     graph.replay()
     times = []
     for _ in range(reps):

@@ -49,6 +49,7 @@ KEYS = ("num_sent", "completed", "failed", "errors", "duration", "request_throug
 class Suite:
     def __init__(self, args: argparse.Namespace, out: Path, work: Path) -> None:
         self.args, self.out, self.work = args, out, work
+        self.report: dict[str, Any] = {}  # written whole after each part (a run cut short keeps what ended)
         self.runs_dir = out / "serve"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -123,8 +124,10 @@ class Suite:
                                                "--source", str(source), "--register-prefix", "z", *lora])
         lora += ["--adapter-names", ",".join(f"z{i}" for i in range(n_adapters))]
         out: dict[str, Any] = {"adapters": n_adapters}
+        self.report["qwen"] = out
         for name, mix in (("base", []), ("lora", lora)):
             out[name] = self.sweep(name, grpc_url, mix)
+            self.flush()
         half = out["lora"]["half_rate"]["rate"]
         workload = [*self.qwen_workload(half), *lora]
         via_grpc = self.bench("qwen-lora-grpc", grpc_url, workload, plot=True)
@@ -136,6 +139,9 @@ class Suite:
         g["gateway_extra_p50_ttft_ms"] = g["gateway"]["p50_ttft_ms"] - g["grpc"]["p50_ttft_ms"]
         g["gateway_extra_p50_itl_ms"] = g["gateway"]["p50_itl_ms"] - g["grpc"]["p50_itl_ms"]
         return out
+
+    def flush(self) -> None:
+        (self.out / "serve_suite.json").write_text(json.dumps(self.report, indent=1))
 
     def qwen_workload(self, rate: float, n: int | None = None) -> list[str]:
         seconds = 3 if self.args.smoke else self.args.seconds_per_rate
@@ -187,14 +193,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         suite = Suite(args, args.out, Path(tmp))
-        report: dict[str, Any] = {
+        report = suite.report
+        report.update({
             "device": suite.device, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "smoke": args.smoke,
             "command": "bash bench/serve_suite.sh " + shlex.join(sys.argv[1:]),
-        }
+        })
         for name in ("sglang", "qwen"):
             if args.suite in (name, "all"):
                 report[name] = getattr(suite, name)()
-                (args.out / "serve_suite.json").write_text(json.dumps(report, indent=1))
+                suite.flush()
         if suite.device == "cuda":  # only now: a CUDA context here would have taken memory from the servers
             report["device"] = torch.cuda.get_device_name(0)
         report["plots"] = PLOTS

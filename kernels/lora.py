@@ -9,7 +9,10 @@ S slots, R max rank; a token whose slot id is -1 is a base-model row.
 Two paths (``lora_plan.plan`` picks one per batch shape): BGMV, one program row per token, for
 decode-like batches; tiled SGMV for the rest, whose work is tiles of at most ``block_m`` rows of
 one slot (``lora_plan``), so a long single-adapter segment spreads over many programs and base
-rows cost nothing. CUDA tensors run the Triton kernels (``lora_triton``), others the float32 torch
+rows cost nothing. Either path runs as two launches, shrink into a float32 ``h`` then expand
+(``shrink``/``expand``), or as one fused launch (``fused_lora``, ``add_lora(fused=True)``) whose
+programs each compute their rows' ``h`` of one slice and add it, through B, into a chunk of y's
+columns. CUDA tensors run the Triton kernels (``lora_triton``), others the float32 torch
 references (``lora_torch``); ``backend="triton"`` forces the kernels (on CPU under
 ``TRITON_INTERPRET=1``).
 """
@@ -32,7 +35,8 @@ Backend = Literal["auto", "triton", "torch"]
 Kind = Literal["auto", "sgmv", "bgmv"]
 
 __all__ = ["LoRABatchMeta", "LoRAPlan", "LoRATiles", "add_lora", "bgmv_expand", "bgmv_shrink", "expand",
-           "lora_buffer", "plan", "route", "sgmv_expand", "sgmv_shrink", "shrink", "use_bgmv", "warmup"]
+           "fused_lora", "lora_buffer", "plan", "route", "sgmv_expand", "sgmv_shrink", "shrink", "use_bgmv",
+           "warmup"]
 
 DEFAULT_RANK = 16  # the rank LoRABatchMeta.build plans its tiles for when not told
 # Shrink scratch [P, T, N]: P partial sums over H_in (split-K without atomics or zeroing); fewer as T
@@ -220,8 +224,9 @@ def use_bgmv(meta: LoRABatchMeta, kind: Kind = "auto", rank: int = DEFAULT_RANK)
 
 def add_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
              out_slices: Sequence[int], meta: LoRABatchMeta, *, buf: Tensor | None = None,
-             backend: Backend = "auto", kind: Kind = "auto") -> None:
-    """In place, one shrink and one expand for all n slices of a fused layer.
+             backend: Backend = "auto", kind: Kind = "auto", fused: bool = False) -> None:
+    """In place, one shrink and one expand for all n slices of a fused layer (fused: one launch for
+    both, see fused_lora; buf is then unused).
 
     y [T, O], x [T, H_in], lora_a [S, n*R, H_in], lora_b [S, O, R], scales [S] float32,
     out_slices: n ints summing to O, buf: scratch from lora_buffer (optional; preallocate for CUDA graphs).
@@ -235,6 +240,9 @@ def add_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tenso
         return
     _check(x, y, lora_a, lora_b, scales, out_slices)
     tiles = route(meta, lora_a, lora_b.shape[2], kind)
+    if fused:
+        fused_lora(y, x, lora_a, lora_b, scales, out_slices, meta, tiles, backend)
+        return
     h = shrink(x, lora_a, meta, tiles, buf, backend)
     expand(y, h, lora_b, scales, out_slices, meta, tiles, backend)
 
@@ -266,11 +274,30 @@ def expand(y: Tensor, h: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Seq
         ops.sgmv_expand(y, h, lora_b, scales, out_slices, tiles)
 
 
+def fused_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[int],
+               meta: LoRABatchMeta, tiles: LoRATiles | None, backend: Backend = "auto") -> None:
+    """add_lora in one launch on the route's path (tiles None: BGMV): each program computes the h of
+    its rows and slice in registers and adds it into a chunk of y's columns (lora_triton: the chunk rule).
+
+    for t in range(T):
+        s = meta.token_slots[t]
+        for i, out in enumerate(out_slices):      # off = sum(out_slices[:i])
+            if s >= 0:
+                h = scales[s] * lora_a[s, i*R:(i+1)*R].float() @ x[t].float()
+                y[t, off:off+out] += lora_b[s, off:off+out].float() @ h
+    """
+    ops = _ops(y, backend)
+    if tiles is None:
+        ops.bgmv_lora(y, x, lora_a, lora_b, scales, out_slices, meta.token_slots)
+    else:
+        ops.sgmv_lora(y, x, lora_a, lora_b, scales, out_slices, tiles)
+
+
 def warmup(lora_a: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[int],
            backend: Backend = "auto") -> None:
     """Compiles every kernel variant add_lora can pick for this layer shape (BGMV, and SGMV at each
-    tile size of lora_plan.BLOCK_MS), on a few dummy rows. The kernels take no batch-dependent
-    integer that Triton would specialise on, so no batch seen later compiles anything new."""
+    tile size of lora_plan.BLOCK_MS; shrink/expand and fused), on a few dummy rows. The kernels take no
+    batch-dependent integer that Triton would specialise on, so no batch seen later compiles anything new."""
     t = 2 * max(lora_plan.BLOCK_MS)
     x = torch.zeros(t, lora_a.shape[2], dtype=lora_a.dtype, device=lora_a.device)
     y = torch.zeros(t, lora_b.shape[1], dtype=lora_a.dtype, device=lora_a.device)
@@ -280,4 +307,5 @@ def warmup(lora_a: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[
         meta = LoRABatchMeta.build(slots, slots.device)  # tiles on the weights' device, as in serving
         meta.plan = p
         meta.token_slots = slots
-        add_lora(y, x, lora_a, lora_b, scales, out_slices, meta, backend=backend)
+        for fused in (False, True):
+            add_lora(y, x, lora_a, lora_b, scales, out_slices, meta, backend=backend, fused=fused)

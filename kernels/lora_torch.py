@@ -108,3 +108,16 @@ def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: 
         for c, off, out in _slices(out_slices, r):
             delta = scale * (h[rows, c:c + r] @ lora_b[slot, off:off + out].float().T)
             _add_rows(y, rows, delta, off, out)
+
+
+def sgmv_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+              out_slices: Sequence[int], tiles: LoRATiles, col_iters: int | None = None) -> None:
+    """Fused SGMV's twin: ``sgmv_shrink`` then ``sgmv_expand`` (y [T, O] in place); col_iters is the
+    kernel's column chunking, ignored here."""
+    sgmv_expand(y, sgmv_shrink(x, lora_a, tiles), lora_b, scales, out_slices, tiles)
+
+
+def bgmv_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+              out_slices: Sequence[int], token_slots: torch.Tensor, col_iters: int | None = None) -> None:
+    """Fused BGMV's twin: ``bgmv_shrink`` then ``bgmv_expand`` (y [T, O] in place); col_iters ignored."""
+    bgmv_expand(y, bgmv_shrink(x, lora_a, token_slots), lora_b, scales, out_slices, token_slots)

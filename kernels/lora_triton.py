@@ -9,6 +9,9 @@ shrink, (tile, slice, column chunk) of the expand; a tile's rows are gathered th
 written with plain stores to ``buf[:p]`` of a ``[P, T, N]`` float32 buffer (no zeroing, no
 atomics) and returns that view; expand sums the partials as it loads them and adds
 ``scale * h_i @ B_i.T`` into each output slice of ``y`` in one launch (up to ``MAX_SLICES``).
+The fused kernels (``sgmv_lora``, ``bgmv_lora``) do both in one launch: program (tile or token,
+slice, column chunk) computes its rows' h of that slice in registers over all of H_in, then adds
+it into its chunk of y; no buffer, and h is recomputed once per chunk (the chunk rules below).
 
 No kernel takes a batch-dependent integer that Triton would specialise on (ints equal to 1 or
 divisible by 16 compile separate variants): those are ``do_not_specialize``, and the tile count is
@@ -49,6 +52,25 @@ def _tile_rows(rows_ptr, tiles_ptr, BLOCK_M: tl.constexpr):
     ok = idx < tl.load(entry + 2)  # unused entries: first = end = -1
     rows = tl.load(rows_ptr + idx, mask=ok, other=0).to(tl.int64)
     return slot, rows, ok
+
+
+@triton.jit
+def _tile_expand(h, w_base, y_rows, r_ok, row_ok, off, size, n_begin, COL_ITERS, sw_o, sy_o,
+                 BLOCK_N: tl.constexpr, TF32: tl.constexpr):
+    """y[rows, off + cols] += h @ B[cols].T for COL_ITERS blocks of BLOCK_N columns from n_begin (SGMV
+    expands): h [BLOCK_M, BLOCK_R] float32 (scaled), w_base the slot's B at rank rows, y_rows the tile's rows."""
+    for it in range(COL_ITERS):
+        cols = n_begin + it * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < size
+        w = tl.load(w_base + (off + cols[None, :]) * sw_o, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        if TF32:  # exact for 16-bit B; rounds h to 10 mantissa bits
+            d = tl.dot(h, w.to(tl.float32), input_precision="tf32")
+        else:
+            d = tl.dot(h, w.to(tl.float32), input_precision="ieee")
+        y_ptrs = y_rows + (off + cols[None, :]) * sy_o
+        y_mask = row_ok[:, None] & col_ok[None, :]
+        yv = tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, (yv.to(tl.float32) + d).to(yv.dtype), mask=y_mask)
 
 
 @triton.jit(do_not_specialize=["SPLIT", "sb_p"])
@@ -97,20 +119,8 @@ def _sgmv_expand_kernel(
     for p in range(1, P):
         h += tl.load(h_ptrs + p * sb_p, mask=h_mask, other=0.0)
     h = h * tl.load(scales_ptr + slot)
-    w_base = b_ptr + slot * sw_s + rs[:, None] * sw_r
-    y_rows = y_ptr + rows[:, None] * sy_t
-    for it in range(COL_ITERS):
-        cols = n_begin + it * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < size
-        w = tl.load(w_base + (off + cols[None, :]) * sw_o, mask=(rs[:, None] < R) & col_ok[None, :], other=0.0)
-        if TF32:  # exact for 16-bit B; rounds h to 10 mantissa bits
-            d = tl.dot(h, w.to(tl.float32), input_precision="tf32")
-        else:
-            d = tl.dot(h, w.to(tl.float32), input_precision="ieee")
-        y_ptrs = y_rows + (off + cols[None, :]) * sy_o
-        y_mask = row_ok[:, None] & col_ok[None, :]
-        yv = tl.load(y_ptrs, mask=y_mask, other=0.0)
-        tl.store(y_ptrs, (yv.to(tl.float32) + d).to(yv.dtype), mask=y_mask)
+    _tile_expand(h, b_ptr + slot * sw_s + rs[:, None] * sw_r, y_ptr + rows[:, None] * sy_t, rs < R, row_ok, off, size,
+                 n_begin, COL_ITERS, sw_o, sy_o, BLOCK_N, TF32)
 
 
 @triton.jit(do_not_specialize=["SPLIT", "sb_p"])
@@ -163,8 +173,83 @@ def _bgmv_expand_kernel(
     tl.store(y_ptrs, (yv.to(tl.float32) + d).to(yv.dtype), mask=cols < size)
 
 
+@triton.jit(do_not_specialize=["COL_ITERS"])
+def _sgmv_lora_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, scales_ptr, rows_ptr, tiles_ptr,
+    H, R, COL_ITERS, OUT0, OUT1, OUT2,
+    sy_t, sy_o, sx_t, sx_h, sa_s, sa_n, sa_h, sw_s, sw_o, sw_r,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HALF_DOT: tl.constexpr, TF32: tl.constexpr,
+):
+    """Fused SGMV, program (tile, slice, column chunk): the tile's h of its slice, then its columns of y."""
+    sl = tl.program_id(1)
+    off, size = _slice_bounds(sl, OUT0, OUT1, OUT2)
+    n_begin = tl.program_id(2) * COL_ITERS * BLOCK_N
+    slot, rows, row_ok = _tile_rows(rows_ptr, tiles_ptr, BLOCK_M)
+    if (slot < 0) | (n_begin >= size):
+        return
+    rs = tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    x_rows = x_ptr + rows[:, None] * sx_t
+    a_base = a_ptr + slot * sa_s + (sl * R + rs[None, :]) * sa_n
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_rows + ks[None, :] * sx_h, mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
+        at = tl.load(a_base + ks[:, None] * sa_h, mask=(ks[:, None] < H) & r_ok[None, :], other=0.0)
+        if HALF_DOT:
+            h = tl.dot(xt, at, h)
+        else:
+            h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision="ieee")
+    h = h * tl.load(scales_ptr + slot)
+    _tile_expand(h, b_ptr + slot * sw_s + rs[:, None] * sw_r, y_ptr + rows[:, None] * sy_t, rs < R, row_ok, off, size,
+                 n_begin, COL_ITERS, sw_o, sy_o, BLOCK_N, TF32)
+
+
+@triton.jit(do_not_specialize=["COL_ITERS"])
+def _bgmv_lora_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, scales_ptr, slots_ptr,
+    H, R, COL_ITERS, OUT0, OUT1, OUT2,
+    sy_t, sy_o, sx_t, sx_h, sa_s, sa_n, sa_h, sw_s, sw_o, sw_r,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Fused BGMV, program (token, slice, column chunk): the token's h of its slice, then its columns
+    of y. Each block of B and y is loaded one step ahead (the first before the shrink), so a
+    program's loads overlap instead of queueing behind each other."""
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    sl = tl.program_id(1)
+    off, size = _slice_bounds(sl, OUT0, OUT1, OUT2)
+    n_begin = tl.program_id(2) * COL_ITERS * BLOCK_N
+    if (slot < 0) | (n_begin >= size):
+        return
+    rs = tl.arange(0, BLOCK_R)
+    r_ok = rs < R
+    cols = n_begin + tl.arange(0, BLOCK_N)
+    w_base = b_ptr + slot * sw_s + off * sw_o + rs[None, :] * sw_r
+    y_base = y_ptr + t * sy_t + off * sy_o
+    w = tl.load(w_base + cols[:, None] * sw_o, mask=(cols < size)[:, None] & r_ok[None, :], other=0.0)
+    yv = tl.load(y_base + cols * sy_o, mask=cols < size, other=0.0)
+    h = tl.zeros((BLOCK_R,), tl.float32)
+    a_base = a_ptr + slot * sa_s + (sl * R + rs[:, None]) * sa_n
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + t * sx_t + ks * sx_h, mask=ks < H, other=0.0).to(tl.float32)
+        at = tl.load(a_base + ks[None, :] * sa_h, mask=r_ok[:, None] & (ks[None, :] < H), other=0.0)
+        h += tl.sum(at.to(tl.float32) * xv[None, :], axis=1)
+    h = h * tl.load(scales_ptr + slot)
+    end = tl.minimum(size, n_begin + COL_ITERS * BLOCK_N)
+    for _ in range(COL_ITERS):
+        d = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+        tl.store(y_base + cols * sy_o, (yv.to(tl.float32) + d).to(yv.dtype), mask=cols < end)
+        cols += BLOCK_N
+        w = tl.load(w_base + cols[:, None] * sw_o, mask=(cols < end)[:, None] & r_ok[None, :], other=0.0)
+        yv = tl.load(y_base + cols * sy_o, mask=cols < end, other=0.0)
+
+
 _INTERPRETED = type(_sgmv_shrink_kernel).__name__ == "InterpretedFunction"
-KERNELS = (_sgmv_shrink_kernel, _sgmv_expand_kernel, _bgmv_shrink_kernel, _bgmv_expand_kernel)
+KERNELS = (_sgmv_shrink_kernel, _sgmv_expand_kernel, _bgmv_shrink_kernel, _bgmv_expand_kernel,
+           _sgmv_lora_kernel, _bgmv_lora_kernel)
 
 
 def _half_dot(*dtypes: torch.dtype) -> bool:
@@ -319,6 +404,98 @@ def bgmv_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, scales: 
     )
 
 
+# Fused shrink+expand (one launch): every program of (rows, slice, column chunk) recomputes its
+# slice's h from all of H_in before it adds h @ B.T into its chunk of y. H_in cannot be split over
+# programs (h must be whole before the expand), so a program's shrink is a serial loop; the chunk
+# rules trade that recomputation against parallelism (measured on an H200, bf16, rank 16, graphs):
+# - BGMV: square tiles, BLOCK_K = BLOCK_N = tile / BLOCK_R, one block of columns per program. A
+#   program reads R x H_in of A (from L2 after the first token of a slot) and as many columns of B
+#   as its tile is wide, so A's share of its bytes stays about H_in / chunk; tiles of 16k elements
+#   (8 warps: 1024 x 16 at rank 16) below H_in 4096, 32k (16 warps) from it: there the smaller
+#   tiles' serial K steps cost Llama-3-8B decode 1.2-1.5x, below it the larger cost Qwen3-0.6B 5-30%.
+# - SGMV: a program re-reads its tile's block_m x H_in rows of x, the expand's columns cost
+#   block_m x chunk of y. With few tiles, narrow chunks spread the work over the SMs; with many,
+#   x's re-reads dominate, so columns per program grow with the tiles (best of 0.5-3 measured):
+#   chunk = H_in x (tiles x slices) / (SGMV_ROW_PROGRAMS_PER_SM x SMs), one block at least.
+# COL_ITERS is not specialised on, so no chunk width compiles a new variant.
+BGMV_TILES = ((4096, 16384, 8), (1 << 62, 32768, 16))  # (H_in below, tile elements, warps)
+SGMV_BLOCK_K = 128
+SGMV_ROW_PROGRAMS_PER_SM = 1.0
+
+
+def _sgmv_col_iters(col_blocks: int, block_n: int, programs: int, h_in: int, device: torch.device,
+                    asked: int | None) -> int:
+    """Column blocks per program of the fused SGMV: as asked, else the rule above; 1..col_blocks."""
+    sms = _target_programs(device) // _PROGRAMS_PER_SM
+    want = asked or int(h_in * programs / (SGMV_ROW_PROGRAMS_PER_SM * sms)) // block_n
+    return max(1, min(want, col_blocks))
+
+
+def _bgmv_blocks(r: int, h_in: int, out: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_N, BLOCK_K, num_warps) of the fused BGMV; out: the widest slice."""
+    tile, warps = next((t, w) for below, t, w in BGMV_TILES if h_in < below)
+    block_r = _pow2(r, lo=4)
+    side = max(16, tile // block_r)
+    return block_r, min(_pow2(out), side), min(_pow2(h_in), side), warps
+
+
+def sgmv_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+              out_slices: Sequence[int], tiles: LoRATiles, col_iters: int | None = None) -> None:
+    """Fused tiled SGMV (shrink and expand in one launch, h never leaves the program); ``y[T, O]`` in place.
+
+    x [T, H_in], lora_a [S, n*R, H_in], lora_b [S, O, R], scales [S] float32, out_slices: n sizes summing to O.
+    for slot, first, end, _ in tiles.table:
+        rows = tiles.rows[first:end]
+        for i, (off, out) in enumerate(slices):  # off = sum(out_slices[:i])
+            h = scales[slot] * x[rows].float() @ lora_a[slot, i*R:(i+1)*R].float().T
+            y[rows, off:off+out] += h @ lora_b[slot, off:off+out].float().T
+    col_iters: column blocks per program (default: the chunk rule above).
+    """
+    h_in, r = x.shape[1], lora_b.shape[2]
+    block_m, block_r = tiles.block_m, _pow2(r)
+    block_n = 128 if block_r <= 32 and block_m <= 64 else 64  # 128 x 128 float32 tiles spill
+    col_blocks = triton.cdiv(max(out_slices), block_n)
+    programs = tiles.num_tiles * len(out_slices)
+    iters = _sgmv_col_iters(col_blocks, block_n, programs, h_in, y.device, col_iters)
+    grid = (tiles.num_tiles, len(out_slices), triton.cdiv(col_blocks, iters))
+    if grid[0] == 0:
+        return
+    _sgmv_lora_kernel[grid](
+        y, x, lora_a, lora_b, scales, tiles.rows, tiles.table, h_in, r, iters, *_outs(out_slices),
+        *y.stride(), *x.stride(), *lora_a.stride(), *lora_b.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=SGMV_BLOCK_K,
+        HALF_DOT=_half_dot(x.dtype, lora_a.dtype), TF32=lora_b.dtype in _HALF,
+        num_warps=_warps(block_m, block_n),
+    )
+
+
+def bgmv_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+              out_slices: Sequence[int], token_slots: torch.Tensor, col_iters: int | None = None) -> None:
+    """Fused BGMV (shrink and expand in one launch); ``y[T, O]`` in place.
+
+    x [T, H_in], lora_a [S, n*R, H_in], lora_b [S, O, R], scales [S] float32, token_slots [>=T].
+    for t in range(T):
+        s = token_slots[t]
+        for i, (off, out) in enumerate(slices):  # off = sum(out_slices[:i])
+            if s >= 0:
+                h = scales[s] * lora_a[s, i*R:(i+1)*R].float() @ x[t].float()
+                y[t, off:off+out] += lora_b[s, off:off+out].float() @ h
+    col_iters: column blocks per program (default 1: chunks of BLOCK_N columns, see above).
+    """
+    t_num, h_in, r = x.shape[0], x.shape[1], lora_b.shape[2]
+    block_r, block_n, block_k, warps = _bgmv_blocks(r, h_in, max(out_slices))
+    col_blocks = triton.cdiv(max(out_slices), block_n)
+    iters = max(1, min(col_iters or 1, col_blocks))
+    grid = (t_num, len(out_slices), triton.cdiv(col_blocks, iters))
+    if t_num == 0:
+        return
+    _bgmv_lora_kernel[grid](
+        y, x, lora_a, lora_b, scales, token_slots, h_in, r, iters, *_outs(out_slices),
+        *y.stride(), *x.stride(), *lora_a.stride(), *lora_b.stride(),
+        BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
+    )
+
+
 def compiled_variants() -> int:
-    """Kernel binaries compiled so far in this process, over the four kernels (0 in the interpreter)."""
+    """Kernel binaries compiled so far in this process, over every kernel of KERNELS (0 in the interpreter)."""
     return count_compiled(KERNELS)

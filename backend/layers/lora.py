@@ -10,25 +10,46 @@ from the forward context, so the model files never see adapters.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from loraplex.backend.layers.context import get_context
 from loraplex.kernels.gemv import skinny_linear
-from loraplex.kernels.lora import LoRABatchMeta, expand, lora_buffer, route, shrink, warmup
+from loraplex.kernels.lora import (
+    LoRABatchMeta,
+    LoRATiles,
+    expand,
+    fused_lora,
+    lora_buffer,
+    route,
+    shrink,
+    warmup,
+)
+
+Mode = Literal["fused", "overlap", "serial"]
+MODES: tuple[Mode, ...] = ("fused", "overlap", "serial")
 
 
 class LoRALinear(nn.Module):
     # Compile every LoRA kernel variant of a layer shape when its buffers attach (CUDA only), so no
     # batch compiles one while serving; tests that build many engines may turn it off.
     warm_kernels: ClassVar[bool] = True
-    # While a CUDA graph is captured (decode), run the LoRA shrink on a side stream beside the base
-    # GEMM (x is all it needs) and join before the expand: the graph gets two branches, and the
-    # shrink's latency hides behind the GEMM. On the H200 (BENCHMARKS.md, round 4) this took a
-    # 32-request decode with one adapter from 3.62 to 2.91 ms a step, with 32 adapters 3.18 to 3.02.
-    overlap_shrink: ClassVar[bool] = True
+    # How a LoRA delta is computed, for every layer of the process (benches and tests switch it):
+    #   overlap  (default) shrink and expand kernels; while a CUDA graph is captured (decode) the shrink runs
+    #            on a side stream beside the base GEMM (x is all it needs), joined before the expand: the
+    #            graph gets two branches and the shrink's latency hides behind the GEMM; eagerly as serial;
+    #   fused    one kernel per layer and step, shrink and expand in the same program (kernels.lora.fused_lora):
+    #            half the launches;
+    #   serial   shrink then expand on one stream.
+    # Measured on the H200 (BENCHMARKS.md, round 4): overlap took a 32-request Qwen3-0.6B decode from 3.18 to
+    # 3.02 ms a step with 32 adapters against serial. Fused is faster per decoder layer in a graph replay
+    # (32 tokens: 34.8 -> 28.0 us against serial) but not in the engine: 3.37 ms a step with 32 adapters against
+    # 3.10 for overlap, the same with one adapter; for Llama-3-8B's wider inputs it loses per layer too.
+    # Fused halves the Triton launches of eager (prefill and mixed) steps, whose host cost is ~77 us each;
+    # what that is worth end to end is not measured yet, so it is not the default.
+    mode: ClassVar[Mode] = "overlap"
     _warmed: ClassVar[set[tuple]] = set()
     _side_streams: ClassVar[dict[torch.device, torch.cuda.Stream]] = {}
 
@@ -69,18 +90,22 @@ class LoRALinear(nn.Module):
         if meta is None or self.lora_a is None or meta.no_lora:
             return skinny_linear(x, self.weight, self.bias)  # F.linear, or the skinny GEMM where faster
         assert self.lora_b is not None and self.lora_scales is not None
-        if self.overlap_shrink and x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self._overlapped(x, meta)
+        tiles = route(meta, self.lora_a, self.lora_b.shape[2])  # add_lora's path (shapes checked in set_lora)
+        mode = self.mode
+        if mode == "overlap" and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._overlapped(x, meta, tiles)
         y = skinny_linear(x, self.weight, self.bias)
-        tiles = route(meta, self.lora_a, self.lora_b.shape[2])  # add_lora's halves (shapes checked in set_lora)
-        expand(y, shrink(x, self.lora_a, meta, tiles), self.lora_b, self.lora_scales, self.out_slices, meta, tiles)
+        if mode == "fused":
+            fused_lora(y, x, self.lora_a, self.lora_b, self.lora_scales, self.out_slices, meta, tiles)
+        else:
+            expand(y, shrink(x, self.lora_a, meta, tiles), self.lora_b, self.lora_scales, self.out_slices, meta,
+                   tiles)
         return y
 
-    def _overlapped(self, x: torch.Tensor, meta: LoRABatchMeta) -> torch.Tensor:
+    def _overlapped(self, x: torch.Tensor, meta: LoRABatchMeta, tiles: LoRATiles | None) -> torch.Tensor:
         """Fork: shrink on the side stream, base GEMM here; join; expand. Every allocation and the SGMV
-        tile table are made on this stream, before the fork."""
+        tile table (``route``) are made on this stream, before the fork."""
         assert self.lora_a is not None and self.lora_b is not None and self.lora_scales is not None
-        tiles = route(meta, self.lora_a, self.lora_b.shape[2])
         buf = lora_buffer(x.shape[0], self.lora_a)
         main, side = torch.cuda.current_stream(), self._side_streams[x.device]
         side.wait_stream(main)

@@ -1,12 +1,14 @@
 """Triton LoRA kernels on a GPU at real layer shapes (Llama-3-8B, Qwen3-0.6B), bf16: eagerly, on one
 long single-adapter segment (4096 and 16k tokens), replayed in captured CUDA graphs whose inputs,
 weights and token -> slot map change in place (SGMV tiles rebuilt on the device each replay), and
-without compiling a new kernel variant for any batch after warm-up."""
+without compiling a new kernel variant for any batch after warm-up; the same for the fused
+shrink+expand (add_lora(fused=True))."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from test_lora_fused import check_fused, run_fused
 from test_lora_kernels import (
     DISTRIBUTIONS,
     Case,
@@ -125,16 +127,20 @@ def new_slots(tokens: int, seed: int) -> list[int]:
 def test_add_lora_replayed_in_cuda_graph(layer: str, tokens: int, plan: LoRAPlan):
     """Captured once over a persistent slot buffer (as the decode graphs hold it); each replay gets
     new inputs, adapter weights and an arbitrary token -> slot map."""
+    replay_add_lora(layer, tokens, plan, fused=False)
+
+
+def replay_add_lora(layer: str, tokens: int, plan: LoRAPlan, fused: bool) -> None:
     static = real_case("llama3-8b", layer, new_slots(tokens, 0), seed=4, ranks=[16] * 64)
     meta = LoRABatchMeta.on_device(static.meta.token_slots.clone(), plan)
     buf = lora.lora_buffer(tokens, static.lora_a)
     y = static.fresh_y()
     args = (static.x, static.lora_a, static.lora_b, static.scales, static.out_slices)
-    add_lora(y, *args, LoRABatchMeta.on_device(meta.token_slots, plan), buf=buf)  # compile before capture
+    add_lora(y, *args, LoRABatchMeta.on_device(meta.token_slots, plan), buf=buf, fused=fused)  # compile first
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        add_lora(y, *args, meta, buf=buf)
+        add_lora(y, *args, meta, buf=buf, fused=fused)
     for seed in (5, 6, 7, 8):
         new = real_case("llama3-8b", layer, new_slots(tokens, seed), seed=seed, ranks=[16] * 64)
         static.x.copy_(new.x)
@@ -151,6 +157,10 @@ def test_add_lora_replayed_in_cuda_graph(layer: str, tokens: int, plan: LoRAPlan
 def test_no_new_kernel_variant_after_warmup(shape: str):
     """After lora.warmup for a layer, batches of any size and spread compile nothing (Triton would
     specialise batch-dependent ints equal to 1 or divisible by 16)."""
+    assert_no_compile_after_warmup(shape, fused=False)
+
+
+def assert_no_compile_after_warmup(shape: str, fused: bool) -> None:
     h_in, outs = layer_dims(shape, "qkv")
     case = make_case([0], 64, [16] * 64, h_in, outs, torch.bfloat16, "cuda")  # new_slots uses up to 64
     lora.warmup(case.lora_a, case.lora_b, case.scales, outs)
@@ -164,15 +174,15 @@ def test_no_new_kernel_variant_after_warmup(shape: str):
             for meta in (LoRABatchMeta.build(slots, "cuda"),
                          LoRABatchMeta.on_device(torch.tensor(slots, dtype=torch.int32, device="cuda"),
                                                  LoRAPlan("sgmv", 16))):
-                add_lora(y, x, case.lora_a, case.lora_b, case.scales, outs, meta)
+                add_lora(y, x, case.lora_a, case.lora_b, case.scales, outs, meta, fused=fused)
     assert lora_triton.compiled_variants() == before
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlap"])
+@pytest.mark.parametrize("mode", ["serial", "overlap", "fused"])
 @pytest.mark.parametrize("plan", [None, LoRAPlan("sgmv", 16)], ids=["bgmv", "sgmv"])
-def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, overlap: bool):
-    """The model's layer as the decode graphs capture it, with LoRALinear.overlap_shrink (shrink on a
-    side stream beside the base GEMM) and without: base GEMM + LoRA against F.linear + the torch path."""
+def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, mode: str):
+    """The model's layer as the decode graphs capture it in each LoRALinear.mode (overlap: the shrink on a
+    side stream beside the base GEMM; fused: one kernel): base GEMM + LoRA against F.linear + the torch path."""
     from loraplex.backend.layers.context import ForwardContext, forward_context
     from loraplex.backend.layers.lora import LoRALinear
 
@@ -183,8 +193,8 @@ def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, overlap: bool
     layer.set_lora(static.lora_a, static.lora_b, static.scales)
     x, slots = static.x.contiguous(), static.meta.token_slots.clone()
     graph = torch.cuda.CUDAGraph()
-    default = LoRALinear.overlap_shrink
-    LoRALinear.overlap_shrink = overlap
+    default = LoRALinear.mode
+    LoRALinear.mode = mode  # type: ignore[assignment]
     try:
         with torch.inference_mode():
             with forward_context(ForwardContext(None, LoRABatchMeta.on_device(slots, plan))):  # type: ignore[arg-type]
@@ -193,7 +203,7 @@ def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, overlap: bool
             with torch.cuda.graph(graph), forward_context(ForwardContext(None, LoRABatchMeta.on_device(slots, plan))):  # type: ignore[arg-type]
                 out = layer(x)
     finally:
-        LoRALinear.overlap_shrink = default
+        LoRALinear.mode = default
     for seed in (10, 11, 12):
         new = real_case("qwen3-0.6b", "qkv", new_slots(64, seed), seed=seed, ranks=[16] * 64)
         x.copy_(new.x)
@@ -205,3 +215,44 @@ def test_lora_linear_replayed_in_cuda_graph(plan: LoRAPlan | None, overlap: bool
         expected = torch.nn.functional.linear(x, layer.weight)
         add_lora(expected, x, new.lora_a, new.lora_b, new.scales, outs, new.meta, backend="torch")
         torch.testing.assert_close(out.float(), expected.float(), atol=1.6e-2, rtol=1.6e-2)
+
+
+# ---- fused shrink+expand: one launch per LoRA linear
+
+@pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_real_shapes(shape: str, layer: str, kind: str):
+    case = real_case(shape, layer, batch_slots(kind, seed=1), seed=1)
+    block_m = planned_block_m(case)
+    check_fused(case, run_fused(case, kind, lora_triton, block_m), run_fused(case, kind, lora_torch, block_m))
+
+
+@pytest.mark.parametrize("kind", ["sgmv", "bgmv"])
+@pytest.mark.parametrize("rank", [8, 64, 0], ids=["8", "64", "mixed"])
+def test_fused_by_rank_qwen_qkv(rank: int, kind: str):
+    ranks = [rank] * NUM_SLOTS if rank else [(8, 16, 32, 64)[i % 4] for i in range(NUM_SLOTS)]
+    case = real_case("qwen3-0.6b", "qkv", batch_slots(kind, seed=3, dist="uniform"), seed=3, ranks=ranks)
+    check_fused(case, run_fused(case, kind, lora_triton, 64), run_fused(case, kind, lora_torch, 64))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_one_long_segment(shape: str, layer: str):
+    """4096 tokens of one adapter through add_lora(fused=True) and its own plan."""
+    case = real_case(shape, layer, [5] * 4096, seed=4096)
+    y = case.fresh_y()
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.out_slices, case.meta, fused=True)
+    check_fused(case, y, run_fused(case, "sgmv", lora_torch, 64))
+
+
+@pytest.mark.parametrize("plan", [LoRAPlan("bgmv", 16), LoRAPlan("sgmv", 16), LoRAPlan("sgmv", 64)], ids=str)
+@pytest.mark.parametrize("tokens", [64, 512])
+@pytest.mark.parametrize("layer", ["qkv", "down"])
+def test_fused_add_lora_replayed_in_cuda_graph(layer: str, tokens: int, plan: LoRAPlan):
+    replay_add_lora(layer, tokens, plan, fused=True)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_no_new_fused_variant_after_warmup(shape: str):
+    assert_no_compile_after_warmup(shape, fused=True)

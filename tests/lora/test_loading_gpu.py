@@ -59,6 +59,34 @@ def test_slot_fill_is_ordered_before_the_compute_stream() -> None:
     assert not slots.buffers(0, "qkv_proj")[0][1].any() and slots.scales[1].item() == 0.0
 
 
+@pytest.mark.parametrize("rank", [16, 8])
+def test_staged_fill_writes_what_a_cpu_load_writes(rank: int) -> None:
+    """The CUDA fill (one transfer of the pinned host copy, one multi-tensor copy, strided B views
+    when the rank is below the slot's) leaves every buffer as the plain CPU write does, over a slot
+    that held another adapter before."""
+    shapes = {m: (256, 256) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    shapes.update(gate_proj=(256, 512), up_proj=(256, 512), down_proj=(512, 256))
+    targets = targets_from_spec(3, shapes)
+    g = torch.Generator().manual_seed(rank)
+
+    def adapter(name: str, r: int, modules: list[str]) -> LoRAWeights:
+        weights = {(layer, m): (torch.randn(r, shapes[m][0], generator=g), torch.randn(shapes[m][1], r, generator=g))
+                   for layer in range(3) for m in modules}
+        return LoRAWeights(name, name, r, 2.0 * r, False, 2.0, frozenset(modules), weights, 0)
+
+    old, new = adapter("old", 16, list(shapes)), adapter("new", rank, ["q_proj", "v_proj", "down_proj"])
+    gpu = LoRASlots(targets, max_loras=3, max_rank=16, dtype=torch.bfloat16, device="cuda")
+    cpu = LoRASlots(targets, max_loras=3, max_rank=16, dtype=torch.bfloat16, device="cpu")
+    for slots in (gpu, cpu):
+        slots.load(2, slots.host_copy(old))
+        slots.load(2, slots.host_copy(new))
+    torch.cuda.synchronize()
+    for t in targets:
+        for got, want in zip(gpu.buffers(t.layer, t.group), cpu.buffers(t.layer, t.group), strict=True):
+            assert torch.equal(got.cpu(), want), (t.layer, t.group)
+    assert torch.equal(gpu.scales.cpu(), cpu.scales) and gpu.ranks == cpu.ranks
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("loading-gpu")
