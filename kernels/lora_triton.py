@@ -55,6 +55,16 @@ def _tile_rows(rows_ptr, tiles_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _sgmv_program(rows_ptr, tiles_ptr, OUT0, OUT1, OUT2, COL_ITERS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An SGMV expand program's (slice, its offset and size, first column, slot, rows, row mask)."""
+    sl = tl.program_id(1)
+    off, size = _slice_bounds(sl, OUT0, OUT1, OUT2)
+    n_begin = tl.program_id(2) * COL_ITERS * BLOCK_N
+    slot, rows, row_ok = _tile_rows(rows_ptr, tiles_ptr, BLOCK_M)
+    return sl, off, size, n_begin, slot, rows, row_ok
+
+
+@triton.jit
 def _tile_expand(h, w_base, y_rows, r_ok, row_ok, off, size, n_begin, COL_ITERS, sw_o, sy_o,
                  BLOCK_N: tl.constexpr, TF32: tl.constexpr):
     """y[rows, off + cols] += h @ B[cols].T for COL_ITERS blocks of BLOCK_N columns from n_begin (SGMV
@@ -106,10 +116,8 @@ def _sgmv_expand_kernel(
     sy_t, sy_o, sb_p, sb_t, sb_n, sw_s, sw_o, sw_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, TF32: tl.constexpr,
 ):
-    sl = tl.program_id(1)
-    off, size = _slice_bounds(sl, OUT0, OUT1, OUT2)
-    n_begin = tl.program_id(2) * COL_ITERS * BLOCK_N
-    slot, rows, row_ok = _tile_rows(rows_ptr, tiles_ptr, BLOCK_M)
+    sl, off, size, n_begin, slot, rows, row_ok = _sgmv_program(rows_ptr, tiles_ptr, OUT0, OUT1, OUT2, COL_ITERS,
+                                                              BLOCK_M, BLOCK_N)
     if (slot < 0) | (n_begin >= size):
         return
     rs = tl.arange(0, BLOCK_R)
@@ -182,10 +190,8 @@ def _sgmv_lora_kernel(
     HALF_DOT: tl.constexpr, TF32: tl.constexpr,
 ):
     """Fused SGMV, program (tile, slice, column chunk): the tile's h of its slice, then its columns of y."""
-    sl = tl.program_id(1)
-    off, size = _slice_bounds(sl, OUT0, OUT1, OUT2)
-    n_begin = tl.program_id(2) * COL_ITERS * BLOCK_N
-    slot, rows, row_ok = _tile_rows(rows_ptr, tiles_ptr, BLOCK_M)
+    sl, off, size, n_begin, slot, rows, row_ok = _sgmv_program(rows_ptr, tiles_ptr, OUT0, OUT1, OUT2, COL_ITERS,
+                                                              BLOCK_M, BLOCK_N)
     if (slot < 0) | (n_begin >= size):
         return
     rs = tl.arange(0, BLOCK_R)
