@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,25 @@ def _gateway(g: dict[str, Any]) -> list[str]:
     rows += ["", f"gateway / gRPC output tok/s: {_f(g['gateway_vs_grpc_output_tok_s'], 3)} · extra p50 TTFT: "
              f"{_f(g['gateway_extra_p50_ttft_ms'], 2)} ms · extra p50 ITL: {_f(g['gateway_extra_p50_itl_ms'], 3)} ms", ""]
     return rows
+
+
+def summaries_from_log(text: str) -> dict[str, dict[str, str]]:
+    """Every ``loraplex bench serve`` summary printed in a log (a run cut before its JSON was written
+    still printed its table): ``{result file name: {label: value}}``, values as printed."""
+    out: dict[str, dict[str, str]] = {}
+    rows: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("result: "):
+            out[Path(line[len("result: "):].strip()).name] = rows
+            rows = {}
+        elif (m := re.match(r"([^:=-][^:]*):\s+(\S.*)$", line)) and m.group(1) != "plots":
+            rows[" ".join(m.group(1).split())] = m.group(2).strip()
+    return out
+
+
+if __name__ == "__main__":  # python bench/serve_report.py LOG OUT.json: the summaries of a log, as JSON
+    import json
+    import sys
+
+    summaries = summaries_from_log(Path(sys.argv[1]).read_text())
+    Path(sys.argv[2]).write_text(json.dumps({"source": sys.argv[1], "runs": summaries}, indent=1))
