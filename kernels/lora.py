@@ -294,9 +294,10 @@ def fused_lora(y: Tensor, x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Ten
 
 
 def warmup(lora_a: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[int],
-           backend: Backend = "auto") -> None:
+           backend: Backend = "auto", fused: bool | None = None) -> None:
     """Compiles every kernel variant add_lora can pick for this layer shape (BGMV, and SGMV at each
-    tile size of lora_plan.BLOCK_MS; shrink/expand and fused), on a few dummy rows. The kernels take no
+    tile size of lora_plan.BLOCK_MS; the two-kernel path, the fused one, or both when ``fused`` is None),
+    on a few dummy rows. The kernels take no
     batch-dependent integer that Triton would specialise on, so no batch seen later compiles anything new."""
     t = 2 * max(lora_plan.BLOCK_MS)
     x = torch.zeros(t, lora_a.shape[2], dtype=lora_a.dtype, device=lora_a.device)
@@ -307,5 +308,5 @@ def warmup(lora_a: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[
         meta = LoRABatchMeta.build(slots, slots.device)  # tiles on the weights' device, as in serving
         meta.plan = p
         meta.token_slots = slots
-        for fused in (False, True):
-            add_lora(y, x, lora_a, lora_b, scales, out_slices, meta, backend=backend, fused=fused)
+        for f in (False, True) if fused is None else (fused,):
+            add_lora(y, x, lora_a, lora_b, scales, out_slices, meta, backend=backend, fused=f)

@@ -33,7 +33,7 @@ MODES: tuple[Mode, ...] = ("fused", "overlap", "serial")
 
 
 class LoRALinear(nn.Module):
-    # Compile every LoRA kernel variant of a layer shape when its buffers attach (CUDA only), so no
+    # Compile every LoRA kernel variant of a layer shape (in the current mode) when its buffers attach (CUDA only), so no
     # batch compiles one while serving; tests that build many engines may turn it off.
     warm_kernels: ClassVar[bool] = True
     # How a LoRA delta is computed, for every layer of the process (benches and tests switch it):
@@ -79,11 +79,13 @@ class LoRALinear(nn.Module):
             return
         if lora_a.device not in self._side_streams:  # made here: not while a graph is being captured
             LoRALinear._side_streams[lora_a.device] = torch.cuda.Stream(lora_a.device)
-        key = (tuple(lora_a.shape), tuple(lora_b.shape), self.out_slices, lora_a.dtype, str(lora_a.device))
+        # only the kernels of the mode set now (a mode switched later compiles its kernels on first use)
+        fused = self.mode == "fused"
+        key = (tuple(lora_a.shape), tuple(lora_b.shape), self.out_slices, lora_a.dtype, str(lora_a.device), fused)
         if self.warm_kernels and key not in self._warmed:
             LoRALinear._warmed.add(key)
             with torch.inference_mode():
-                warmup(lora_a, lora_b, scales, self.out_slices)
+                warmup(lora_a, lora_b, scales, self.out_slices, fused=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         meta = get_context().lora
