@@ -92,9 +92,38 @@ def summaries_from_log(text: str) -> dict[str, dict[str, str]]:
     return out
 
 
-if __name__ == "__main__":  # python bench/serve_report.py LOG OUT.json: the summaries of a log, as JSON
+def sweep_plot(summaries: dict[str, dict[str, str]], path: Path) -> Path:
+    """TTFT and ITL (p50, p99) against the offered rate for the base and LoRA sweeps of the Qwen suite,
+    from printed summaries (``summaries_from_log``); one PNG of two panels, log-scale latency."""
+    plt = report._pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mix, style in (("base", "-"), ("lora", "--")):
+        runs = sorted((float(v["Request rate (req/s)"]), v) for k, v in summaries.items()
+                      if re.fullmatch(rf"qwen-{mix}-rate[\d.]+\.json", k))
+        for ax, metric in zip(axes, ("TTFT", "ITL"), strict=True):
+            for q in ("P50", "P99"):
+                ax.plot([r for r, _ in runs], [float(v[f"{q} {metric} (ms)"]) for _, v in runs], style, marker="o",
+                        label=f"{mix} {q.lower()}")
+    for ax, metric in zip(axes, ("TTFT", "ITL"), strict=True):
+        ax.set_xlabel("offered request rate (req/s, Poisson)")
+        ax.set_ylabel(f"{metric} (ms)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].axhline(1000, color="grey", lw=0.8)
+    axes[0].set_title("time to first token (the 1 s line: the sweep's crossing)")
+    axes[1].set_title("inter-token latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # python bench/serve_report.py LOG OUT.json [SWEEP.png]: a log's summaries as JSON
     import json
     import sys
 
     summaries = summaries_from_log(Path(sys.argv[1]).read_text())
     Path(sys.argv[2]).write_text(json.dumps({"source": sys.argv[1], "runs": summaries}, indent=1))
+    if len(sys.argv) > 3:
+        sweep_plot(summaries, Path(sys.argv[3]))

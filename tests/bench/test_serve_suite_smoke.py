@@ -35,7 +35,7 @@ def test_serve_suite_smoke_writes_every_section(tmp_path: Path) -> None:
     assert (tmp_path / "serve" / "sglang-lora4-latency_cdf.png").stat().st_size > 5000
     # a run cut short keeps its printed summaries: the log parser finds every run with its figures
     sys.path.insert(0, str(ROOT))
-    from bench.serve_report import summaries_from_log
+    from bench.serve_report import summaries_from_log, sweep_plot
 
     printed = summaries_from_log(proc.stdout)
     runs = sorted(f.name for f in (tmp_path / "serve").glob("*.json"))
@@ -44,3 +44,4 @@ def test_serve_suite_smoke_writes_every_section(tmp_path: Path) -> None:
         summary = json.loads((tmp_path / "serve" / name).read_text())["runs"][0]["summary"]
         assert int(printed[name]["Successful requests"]) == summary["completed"]
         assert float(printed[name]["P99 TTFT (ms)"]) == pytest.approx(summary["p99_ttft_ms"], abs=0.01)
+    assert sweep_plot(printed, tmp_path / "sweep.png").stat().st_size > 5000
