@@ -297,8 +297,8 @@ def warmup(lora_a: Tensor, lora_b: Tensor, scales: Tensor, out_slices: Sequence[
            backend: Backend = "auto", fused: bool | None = None) -> None:
     """Compiles every kernel variant add_lora can pick for this layer shape (BGMV, and SGMV at each
     tile size of lora_plan.BLOCK_MS; the two-kernel path, the fused one, or both when ``fused`` is None),
-    on a few dummy rows. The kernels take no
-    batch-dependent integer that Triton would specialise on, so no batch seen later compiles anything new."""
+    on a few dummy rows. The kernels take no batch-dependent integer that Triton would specialise on, so
+    no batch seen later compiles anything new."""
     t = 2 * max(lora_plan.BLOCK_MS)
     x = torch.zeros(t, lora_a.shape[2], dtype=lora_a.dtype, device=lora_a.device)
     y = torch.zeros(t, lora_b.shape[1], dtype=lora_a.dtype, device=lora_a.device)

@@ -180,13 +180,15 @@ class LoRASlots:
             r, off = a.shape[0], t.offsets()[i]
             dsts += [lora_a[slot, i * R:i * R + r, :], lora_b[slot, off:off + t.out_slices[i], :r]]
             srcs += [a, b]
-        srcs = self._staged(srcs)
-        dense = [k for k, (d, s) in enumerate(zip(dsts, srcs, strict=True))
-                 if d.is_contiguous() and s.is_contiguous() and d.device == s.device and d.dtype == s.dtype]
-        if dense:
-            torch._foreach_copy_([dsts[k] for k in dense], [srcs[k] for k in dense], non_blocking=True)
-        for k in sorted(set(range(len(dsts))) - set(dense)):  # ranks below R (strided B views), other dtypes
-            dsts[k].copy_(srcs[k], non_blocking=True)
+        dense: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for d, s in zip(dsts, self._staged(srcs), strict=True):
+            if d.is_contiguous() and s.is_contiguous() and d.device == s.device and d.dtype == s.dtype:
+                dense[0].append(d)
+                dense[1].append(s)
+            else:  # ranks below R (strided B views), other dtypes or devices
+                d.copy_(s, non_blocking=True)
+        if dense[0]:
+            torch._foreach_copy_(*dense, non_blocking=True)
         self.scales[slot] = w.scale
         self.ranks[slot] = w.rank
 

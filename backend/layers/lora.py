@@ -29,7 +29,6 @@ from loraplex.kernels.lora import (
 )
 
 Mode = Literal["fused", "overlap", "serial"]
-MODES: tuple[Mode, ...] = ("fused", "overlap", "serial")
 
 
 class LoRALinear(nn.Module):
