@@ -160,11 +160,13 @@ class Run:
         return res
 
     def graph_info(self) -> dict:
-        graphs = self.llm.engine.runner.graphs
-        if graphs is None:
-            return {}
-        return {"graphs": len(graphs.graphs), "capture_s": round(graphs.capture_seconds, 2),
-                "graph_MiB": round(graphs.graph_memory_bytes / 2**20, 1)}
+        runner = self.llm.engine.runner
+        info = {}
+        for name, graphs in (("", runner.graphs), ("step_", getattr(runner, "step_graphs", None))):
+            if graphs is not None:
+                info.update({f"{name}graphs": len(graphs.graphs), f"{name}capture_s": round(graphs.capture_seconds, 2),
+                             f"{name}graph_MiB": round(graphs.graph_memory_bytes / 2**20, 1)})
+        return info
 
     def close(self) -> None:
         shutdown = getattr(self.llm.engine, "shutdown", None)  # tensor parallelism: stop the workers

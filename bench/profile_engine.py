@@ -136,7 +136,8 @@ def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: 
         if n_tok == len(out.requests):
             fits = runner.graphs is not None and runner.graphs.fits(len(out.requests))
             return "decode_graph" if fits else "decode_eager"
-        return "mixed" if any(r.num_new_tokens == 1 for r in out.requests) else "prefill"
+        step = runner.step_graphs is not None and n_tok <= runner.step_graphs.buckets[-1]
+        return ("mixed" if any(r.num_new_tokens == 1 for r in out.requests) else "prefill") + ("_graph" if step else "")
 
     def close_window() -> None:
         p = prof_state["prof"]
@@ -187,7 +188,8 @@ def step_trace(llm, prompts: list[list[int]], outputs: list[int], kv_per_token: 
 
     # cProfile inside runner.launch (the host's part of building and launching a step) for a few
     # steps of each kind: where an eager step's host time goes
-    host_profiles: dict[str, list] = {k: [cProfile.Profile(), 0] for k in ("mixed", "prefill", "decode_graph")}
+    host_profiles: dict[str, list] = {k: [cProfile.Profile(), 0] for k in ("mixed", "prefill", "decode_graph",
+                                                                          "mixed_graph", "prefill_graph")}
     runner.launch = timed
     params = [SamplingParams(temperature=0.0, max_tokens=o, min_tokens=o, ignore_eos=True) for o in outputs]
     preempt0 = llm.engine.stats.preemptions
@@ -345,7 +347,7 @@ def main() -> None:
                 print(f"\nnano-vllm workload, max_num_batched_tokens={budget}, KV cache {kv_tokens} tokens:")
                 res[f"nano_budget{budget}"] = step_trace(llm, prompts, outputs, kv_per_token,
                                                          weight_bytes(shape), bw,
-                                                         {"decode_graph": 6, "mixed": 4})
+                                                         {"decode_graph": 6, "mixed": 4, "mixed_graph": 4})
                 llm = None
                 free()
     save(res, args.out)

@@ -39,19 +39,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def engine_alone(model: Path, prompts: list[list[int]], gen: int, dtype: str) -> float:
+def engine_alone(model: Path, prompts: list[list[int]], gen: int, dtype: str,
+                 more: list[list[list[int]]] | None = None) -> float | list[float]:
+    """tok/s of ``LLM.generate(prompts)`` after a warm-up; with ``more`` (further prompt sets, distinct so
+    that no run hits another's prefix cache), the list of every set's tok/s on the same engine."""
     from loraplex import LLM, SamplingParams
 
     llm = LLM(str(model), dtype=dtype, max_num_seqs=len(prompts), enable_lora=False, max_model_len=1024)
     params = SamplingParams(temperature=0.0, max_tokens=gen, min_tokens=gen, ignore_eos=True)
     llm.generate(prompts[:4], params)
-    t = time.perf_counter()
-    llm.generate(prompts, params)
-    dt = time.perf_counter() - t
+    rates = []
+    for batch in [prompts, *(more or [])]:
+        t = time.perf_counter()
+        llm.generate(batch, params)
+        rates.append(len(batch) * gen / (time.perf_counter() - t))
     del llm
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return len(prompts) * gen / dt
+    return rates if more is not None else rates[0]
 
 
 async def stream(stub, prompt: list[int], gen: int) -> tuple[float, list[float]]:

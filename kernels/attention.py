@@ -56,7 +56,8 @@ def query_start_locations(query_lens: torch.Tensor) -> torch.Tensor:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_lens: torch.Tensor, query_index: torch.Tensor, max_query_len: int,
                     scale: float, sliding_window: int | None = None, mask: torch.Tensor | None = None, *,
-                    backend: Backend = "auto", query_start_loc: torch.Tensor | None = None) -> torch.Tensor:
+                    backend: Backend = "auto", query_start_loc: torch.Tensor | None = None,
+                    tiles: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its paged context.
 
     out[t] = softmax(q[t] @ K_b[:pos_t+1].T * scale) @ V_b[:pos_t+1]   for token t of sequence b,
@@ -69,6 +70,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (torch path); query_start_loc: [B+1] int32 cumulative query lengths (Triton path; computed from
     query_lens on the device when None); returns [T, H, D].
     mask: optional precomputed ``causal_mask(...)`` [B, max_query_len, max_blocks * BS] (torch path).
+    tiles: optional [NT, 2] int32 tile map of the multi-token rows (Triton path,
+    ``attention_triton.fill_tile_map``): launch sizes from shapes alone, for a captured mixed step.
     The Triton path reads no value on the host and allocates only by shape (CUDA-graph safe).
     """
     if use_triton(q, backend):
@@ -77,7 +80,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if query_start_loc is None:
             query_start_loc = query_start_locations(query_lens)
         return attention_triton.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                                max_query_len, scale, sliding_window)
+                                                max_query_len, scale, sliding_window, tiles=tiles)
     return paged_attention_torch(q, k_cache, v_cache, block_tables.long(), seq_lens, query_lens, query_index,
                                  max_query_len, scale, sliding_window, mask)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import itertools
 import os
 
+import numpy as np
+
 import torch
 import triton
 import triton.language as tl
@@ -51,17 +53,23 @@ PREFILL_BIG = {"block_m": 64, "block_n": 32, "warps": 4, "stages": 2}
 @triton.jit(do_not_specialize=["q_tiles", "splits", "s_bt"])
 def _attn_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-    bt_ptr, seq_lens_ptr, qsl_ptr,
+    bt_ptr, seq_lens_ptr, qsl_ptr, tiles_ptr,
     scale_log2, window,
     s_qt, s_qh, s_kn, s_kb, s_kh, s_vn, s_vb, s_vh, s_ot, s_oh, s_bt,
     H, q_tiles, splits,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, ROWS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_F32: tl.constexpr, ROWS: tl.constexpr, TILED: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-    b = tl.program_id(0) // q_tiles
-    i0 = (tl.program_id(0) % q_tiles) * BLOCK_Q
+    if TILED:  # program -> (sequence, first query token) from the host's tile map; -1: unused entry
+        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        i0 = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+        if b < 0:
+            return
+    else:
+        b = tl.program_id(0) // q_tiles
+        i0 = (tl.program_id(0) % q_tiles) * BLOCK_Q
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b)
@@ -178,13 +186,43 @@ def _config(decode: bool, group: int, head_dim: int, dtype: torch.dtype) -> tupl
     return g_pad, max(1, cfg["block_m"] // g_pad), cfg["block_n"], cfg["warps"], cfg["stages"]
 
 
+def prefill_block_q(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Query tokens per program of the multi-token launch: the unit of a tile map."""
+    return _config(False, num_heads // num_kv_heads, head_dim, dtype)[1]
+
+
+def max_tile_entries(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """Tiles a step of num_tokens tokens over num_seqs multi-token sequences can need at most."""
+    return max(1, min(num_seqs, num_tokens // 2) + num_tokens // block_q)
+
+
+def fill_tile_map(query_lens: np.ndarray, block_q: int, out: np.ndarray) -> int:
+    """Writes the (sequence, first query token) of every query tile of the rows with more than one
+    query token into out [NT, 2] (host, int32) and -1 into the rest; returns the tiles used."""
+    lens = np.asarray(query_lens, dtype=np.int64)
+    seqs = np.flatnonzero(lens > 1)
+    per = -(-lens[seqs] // block_q)
+    n = int(per.sum())
+    if n > out.shape[0]:
+        raise ValueError(f"{n} query tiles do not fit a tile map of {out.shape[0]}")
+    seq = np.repeat(seqs, per)
+    first = np.arange(n) - np.repeat(np.cumsum(per) - per, per)
+    out[:n, 0], out[:n, 1] = seq, first * block_q
+    out[n:] = -1
+    return n
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
                     sliding_window: int | None = None, out: torch.Tensor | None = None,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] (tokens of one sequence contiguous), k/v_cache [N, BS, Hkv, D], block_tables [B, M],
     seq_lens [B], query_start_loc [B+1] int32 -> out [T, H, D] (optional preallocated).
-    splits: the decode split count (default: from the shapes, see num_splits)."""
+    splits: the decode split count (default: from the shapes, see num_splits).
+    tiles: [NT, 2] int32 (sequence, first query token) of every query tile of the multi-token rows
+    (``fill_tile_map``; -1 rows unused): the launch sizes then depend only on shapes, whatever the mix
+    of query lengths, so one CUDA graph serves every step of T tokens (the one-token rows go through
+    the split decode launch; max_query_len is not read)."""
     num_seqs, max_blocks = block_tables.shape
     block_size = k_cache.shape[1]
     if q.stride(-1) != 1:
@@ -195,7 +233,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     max_kv = max_blocks * block_size
     args = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, sliding_window)
-    if max_query_len <= 1:
+    if tiles is not None:
+        _launch(*args, 2, MULTI_ROWS, 1, tiles)
+        _launch(*args, 1, DECODE_ROWS, splits)
+    elif max_query_len <= 1:
         _launch(*args, 1, ALL_ROWS, splits)
     elif max_kv < MIXED_SPLIT_MIN_KV:
         _launch(*args, max_query_len, ALL_ROWS, 1)
@@ -207,9 +248,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-            sliding_window: int | None, max_query_len: int, rows: int, splits: int | None) -> None:
-    """One attention launch over the rows selected (decode config when max_query_len == 1), then the
-    split merge if any."""
+            sliding_window: int | None, max_query_len: int, rows: int, splits: int | None,
+            tiles: torch.Tensor | None = None) -> None:
+    """One attention launch over the rows selected (decode config when max_query_len == 1; programs
+    from the tile map when given), then the split merge if any."""
     num_seqs, max_blocks = block_tables.shape
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     num_heads = q.shape[1]
@@ -226,13 +268,15 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: 
     if splits > 1:
         part_o = torch.empty(num_seqs, splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, splits, num_heads, dtype=torch.float32, device=q.device)
-    _attn_kernel[(num_seqs * q_tiles, num_kv_heads, splits)](
+    programs = num_seqs * q_tiles if tiles is None else tiles.shape[0]
+    _attn_kernel[(programs, num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, seq_lens, query_start_loc,
+        query_start_loc if tiles is None else tiles,
         scale * LOG2E, window,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
         block_tables.stride(0), num_heads, q_tiles, splits,
         G=group, G_PAD=g_pad, D=head_dim, D_PAD=d_pad, BS=block_size, BLOCK_Q=block_q, BLOCK_N=block_n,
-        SPLIT=splits > 1, USE_WINDOW=window > 0, DOT_F32=_dot_f32(q.dtype), ROWS=rows,
+        SPLIT=splits > 1, USE_WINDOW=window > 0, DOT_F32=_dot_f32(q.dtype), ROWS=rows, TILED=tiles is not None,
         num_warps=warps, num_stages=stages,
     )
     if splits > 1:
@@ -251,7 +295,7 @@ def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale:
     device = k_cache.device
     wide = triton.cdiv(MIXED_SPLIT_MIN_KV, block_size)  # a table this wide takes the mixed split path
 
-    def run(query_lens: list[int], width: int, splits: int | None) -> None:
+    def run(query_lens: list[int], width: int, splits: int | None, tiled: bool = False) -> None:
         tokens = sum(query_lens)
         q = torch.zeros(tokens, num_heads, head_dim, dtype=k_cache.dtype, device=device)  # q has the cache's dtype
         tables = torch.zeros(len(query_lens), width, dtype=torch.int32, device=device)
@@ -259,12 +303,19 @@ def warm_up(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, scale:
         # tables and query starts, int64 context lengths
         lens = torch.tensor(query_lens, dtype=torch.int64, device=device)  # the context is the query
         starts = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32, device=device)
+        tiles = None
+        if tiled:
+            block_q = prefill_block_q(num_heads, k_cache.shape[2], head_dim, k_cache.dtype)
+            host = np.empty((max_tile_entries(tokens, len(query_lens), block_q), 2), dtype=np.int32)
+            fill_tile_map(np.array(query_lens), block_q, host)
+            tiles = torch.from_numpy(host).to(device)
         paged_attention(q, k_cache, v_cache, tables, lens, starts, max(query_lens), scale, sliding_window,
-                        splits=splits)
+                        splits=splits, tiles=tiles)
 
     for splits in (1, 2):
         run([1, 1], 1, splits)  # decode
         run([3, 1], wide, splits)  # mixed, long table: multi-token tiles, then split decode rows
+        run([3, 1], 1, splits, tiled=True)  # a captured mixed step: tile-map launch, split decode rows
     run([3, 1], 1, None)  # prefill / mixed, short table: one launch of tiles
 
 

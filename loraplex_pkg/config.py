@@ -53,6 +53,9 @@ class ModelConfig(_Validated):
     seed: int = opt(0, "seed of the engine's global generator (requests without their own seed)", lo=0)
     tokenizer: str | None = opt(None, "tokenizer directory; none = the model's")
     enforce_eager: bool = opt(False, "never capture CUDA graphs (decode steps are captured and replayed on CUDA)")
+    max_capture_tokens: int = opt(2048, "on CUDA, prefill and mixed steps of up to this many tokens (and at most "
+                                  "max_num_batched_tokens) are captured in CUDA graphs too, one per token bucket; "
+                                  "0 = decode steps only", lo=0)
 
 
 @dataclass

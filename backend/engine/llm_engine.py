@@ -25,7 +25,7 @@ from loraplex.backend.engine.request import ChatInput, EngineRequest, ProcessedR
 from loraplex.backend.engine.runner import ModelRunner, StepHandle
 from loraplex.backend.engine.scheduler import Scheduler, SchedulerOutput
 from loraplex.backend.engine.sequence import Sequence, Status
-from loraplex.backend.engine.setup import EngineParts, build_engine_parts
+from loraplex.backend.engine.setup import EngineParts, build_engine_parts, capture_tokens
 from loraplex.backend.engine.stats import AdapterResidency, EngineStats
 from loraplex.backend.engine.structured import StructuredOutputs, after_token
 from loraplex.backend.outputs import RequestOutput
@@ -68,7 +68,8 @@ class LLMEngine:
         self.runner = parts.runner or ModelRunner(  # parts.runner: tensor parallelism's executor
             parts.model, parts.num_blocks, config.cache.block_size, parts.dtype, parts.device, config.model.seed,
             cuda_graphs=not config.model.enforce_eager, max_model_len=self.max_model_len,
-            max_num_seqs=config.scheduler.max_num_seqs, with_lora=self.adapters is not None)
+            max_num_seqs=config.scheduler.max_num_seqs, with_lora=self.adapters is not None,
+            max_capture_tokens=capture_tokens(config))
         self.seqs: dict[str, Sequence] = {}
         self.overlap = config.scheduler.async_scheduling
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None  # launched, outputs not processed

@@ -2,9 +2,11 @@
 touches the KV-cache tensors.
 
 The runner keeps its own view of every request (``RequestTable``); a scheduler
-output brings only what changed. Decode steps replay a captured CUDA graph
-(model, LM head and greedy argmax); other steps run eagerly. Sampled ids come
-back with one device-to-host copy per step.
+output brings only what changed. On CUDA, decode steps replay a captured CUDA
+graph (model, LM head and greedy argmax), and so do prefill and mixed steps of up
+to ``max_capture_tokens`` tokens (``StepGraphs``, one graph per token bucket); the
+rest (longer steps, prompt logprobs) runs eagerly. Sampled ids come back with one
+device-to-host copy per step.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from loraplex.backend.engine.cuda_graphs import DecodeGraphs
+from loraplex.backend.engine.cuda_graphs import DecodeGraphs, StepGraphs
 from loraplex.backend.engine.sampler import Sampler, SamplingBatch, make_generator, prompt_logprobs
 from loraplex.backend.engine.scheduler import SchedulerOutput
 from loraplex.backend.engine.step_inputs import RequestState, RequestTable, StepInputs
@@ -96,7 +98,7 @@ def take_pending(input_ids: torch.Tensor, source: torch.Tensor, last_sampled: to
 class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device, seed: int, cuda_graphs: bool = False, max_model_len: int = 0,
-                 max_num_seqs: int = 1, with_lora: bool = False):
+                 max_num_seqs: int = 1, with_lora: bool = False, max_capture_tokens: int = 0):
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -106,14 +108,21 @@ class ModelRunner:
         self.table = RequestTable(max(2 * max_num_seqs, 8), max_blocks, block_size)
         self._allocate_kv(num_blocks + 1, dtype)  # + one dummy block for padded rows of captured steps
         self.graphs: DecodeGraphs | None = None
+        self.step_graphs: StepGraphs | None = None  # prefill and mixed steps of up to max_capture_tokens
         self.last_sampled = torch.zeros(max(2 * max_num_seqs, 8), dtype=torch.int64, device=device)
         with torch.inference_mode():
             gemv.warm_up(p for p in model.parameters() if p.dim() == 2)  # skinny-GEMM kernels compile now
             self._warm_up_attention()
         if cuda_graphs and device.type == "cuda":
+            pool = None
+            if max_capture_tokens > 0:
+                self.step_graphs = StepGraphs(model, block_size, num_blocks, max_blocks, max_num_seqs,
+                                              max_capture_tokens, device, with_lora, self.last_sampled)
+                self.step_graphs.capture_all()
+                pool = self.step_graphs.pool
             self.graphs = DecodeGraphs(model, block_size, num_blocks, max_blocks, max_num_seqs, device, with_lora,
                                        self.last_sampled)
-            self.graphs.capture_all()
+            self.graphs.capture_all(pool)
         self._pending_rows: dict[str, int] = {}  # request id -> its row in last_sampled (the last step's token)
         # the slot stacks' max rank R, which the LoRA layers plan their kernels for: eager steps build
         # the tile table for it up front (else the first layer builds and uploads another one)
@@ -169,6 +178,8 @@ class ModelRunner:
         greedy: torch.Tensor | None
         if inputs.is_decode and self.graphs is not None and self.graphs.fits(len(inputs.requests)):
             logits, greedy = self.graphs.run(inputs, source)
+        elif self.step_graphs is not None and self.step_graphs.fits(inputs):
+            logits, greedy = self.step_graphs.run(inputs, source)
         else:
             hidden = self._forward_eager(inputs, source)
             for request_id, (rows, next_ids, k) in inputs.prompt_rows.items():

@@ -133,12 +133,20 @@ def kv_capacity(config: EngineConfig, model: DecoderModel, dtype: torch.dtype, d
     return num
 
 
+def capture_tokens(config: EngineConfig) -> int:
+    """The largest prefill/mixed step captured in a CUDA graph (0: none)."""
+    if config.model.enforce_eager:
+        return 0
+    return min(config.model.max_capture_tokens, config.scheduler.max_num_batched_tokens)
+
+
 def activation_reserve(config: EngineConfig, model: DecoderModel) -> float:
-    """Bytes kept free for activations of the largest step (a generous estimate)."""
+    """Bytes kept free for activations of the largest step and the step graphs' memory pool (a
+    generous estimate)."""
     spec = model.spec
-    tokens = config.scheduler.max_num_batched_tokens
+    tokens = config.scheduler.max_num_batched_tokens + capture_tokens(config)
     per_token = 4 * (spec.hidden_size * 8 + spec.intermediate_size * 4)
-    logits = config.scheduler.max_num_seqs * spec.vocab_size * 4 * 3
+    logits = config.scheduler.max_num_seqs * spec.vocab_size * 4 * 4
     return float(tokens * per_token + logits + 2**30)
 
 

@@ -51,5 +51,5 @@ class PagedAttention(nn.Module):
             mask = meta.mask(self.sliding_window, self.k_cache.shape[1])
         out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, meta.query_lens,
                               meta.query_index, meta.max_query_len, self.scale, self.sliding_window, mask,
-                              query_start_loc=meta.query_start_loc)
+                              query_start_loc=meta.query_start_loc, tiles=meta.tiles)
         return out.reshape(out.shape[0], -1)

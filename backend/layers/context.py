@@ -24,6 +24,7 @@ class AttentionMeta:
     query_index: torch.Tensor  # [T] int64: b * max_query_len + i (the torch reference path's padding)
     query_start_loc: torch.Tensor  # [B+1] int32: sequence b's tokens are rows [loc[b], loc[b+1])
     max_query_len: int
+    tiles: torch.Tensor | None = None  # [NT, 2] int32 tile map of a captured mixed step (Triton path)
     masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)  # shared by the layers
 
     def mask(self, sliding_window: int | None, block_size: int) -> torch.Tensor:

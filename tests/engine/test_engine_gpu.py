@@ -29,12 +29,12 @@ def test_bf16_logits_close_to_fp32_reference(tmp_path, arch):
               adapter_roots=[str(tmp_path)])
     llm.load_adapter("a", str(adapter))
     captured: list[torch.Tensor] = []
-    model = llm.engine.runner.model
-    original = model.compute_logits
-    model.compute_logits = lambda h: captured.append(original(h)) or captured[-1]  # type: ignore[method-assign]
+    runner = llm.engine.runner
+    original = runner._sample  # the sampling rows' logits, from every path (eager, step graph)
+    runner._sample = lambda logits, *a: captured.append(logits.float()) or original(logits, *a)  # type: ignore[method-assign]
     names = ["a", None, "a", None]
     llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=1), adapters=names)
-    model.compute_logits = original  # type: ignore[method-assign]
+    runner._sample = original  # type: ignore[method-assign]
     for row, (prompt, name) in enumerate(zip(PROMPTS, names, strict=True)):
         with torch.no_grad():
             ref = refs[name](torch.tensor([prompt])).logits[0, -1].float()
@@ -62,5 +62,6 @@ def test_cuda_graph_decode_matches_eager(tmp_path):
         outs[eager] += [o.token_ids for o in llm.generate(prompts[:3], params, adapters=names[:3])]
         if not eager:
             assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.graphs
+            assert llm.engine.runner.step_graphs is not None and llm.engine.runner.step_graphs.graphs
         assert_no_leaks(llm.engine)
     assert outs[True] == outs[False]

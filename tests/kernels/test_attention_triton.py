@@ -134,7 +134,7 @@ def test_mixed_step_with_split_decode_rows(monkeypatch, window):
 
 
 def test_warm_up_runs_every_launch_kind(monkeypatch, tmp_path):
-    """warm_up launches the decode (split and not), prefill and mixed long-table kernels (interpreted
+    """warm_up launches the decode (split and not), prefill, mixed long-table and tile-map kernels (interpreted
     on CPU: this checks the launches' arguments, the GPU test checks that nothing compiles later),
     with the index dtypes of the engine's own steps (a pointer's element type is part of a compiled
     variant's key, so an int32 warm-up would not serve int64 steps)."""
@@ -148,7 +148,7 @@ def test_warm_up_runs_every_launch_kind(monkeypatch, tmp_path):
     real = attention_triton._launch
 
     def spy(*args):
-        launches.append(args[-3:])  # (max_query_len, rows, splits)
+        launches.append((*args[9:12], len(args) > 12 and args[12] is not None))  # (max_query_len, rows, splits, tiled)
         warm_dtypes.add((args[4].dtype, args[5].dtype, args[6].dtype))  # tables, seq_lens, query starts
         return real(*args)
 
@@ -156,8 +156,9 @@ def test_warm_up_runs_every_launch_kind(monkeypatch, tmp_path):
     k_cache = torch.randn(4, 16, 2, 32)
     attention_triton.warm_up(4, k_cache, torch.randn_like(k_cache), 32**-0.5, None)
     decode_all, multi, decode_rows = attention_triton.ALL_ROWS, attention_triton.MULTI_ROWS, attention_triton.DECODE_ROWS
-    assert set(launches) == {(1, decode_all, 1), (1, decode_all, 2), (3, multi, 1), (1, decode_rows, 1),
-                             (1, decode_rows, 2), (3, decode_all, 1)}
+    assert set(launches) == {(1, decode_all, 1, False), (1, decode_all, 2, False), (3, multi, 1, False),
+                             (1, decode_rows, 1, False), (1, decode_rows, 2, False), (3, decode_all, 1, False),
+                             (2, multi, 1, True)}
 
     step_dtypes: set[tuple[torch.dtype, ...]] = set()
     layer_call = layer_module.paged_attention
@@ -170,3 +171,41 @@ def test_warm_up_runs_every_launch_kind(monkeypatch, tmp_path):
     llm = LLM(str(write_tiny_model(tmp_path / "m")), dtype="float32", enable_lora=False)
     llm.generate([[1, 2, 3, 4, 5]], None)  # a prefill step and decode steps
     assert step_dtypes == warm_dtypes
+
+
+def run_tiled(step, map_rows: int | None = None, splits: int | None = None) -> torch.Tensor:
+    """The captured mixed step's launches: tile map for the multi-token rows, split launch for the rest."""
+    import numpy as np
+
+    heads, kv_heads, head_dim = step.q.shape[1], step.k_cache.shape[2], step.q.shape[2]
+    block_q = attention_triton.prefill_block_q(heads, kv_heads, head_dim, step.q.dtype)
+    rows = map_rows or attention_triton.max_tile_entries(step.q.shape[0], len(step.seq_lens), block_q)
+    host = np.zeros((rows, 2), dtype=np.int32)
+    attention_triton.fill_tile_map(step.query_lens.cpu().numpy(), block_q, host)
+    out = torch.full_like(step.q, float("nan"))
+    return attention_triton.paged_attention(
+        step.q, step.k_cache, step.v_cache, step.block_tables, step.seq_lens, step.query_start_loc,
+        10**6, step.scale, step.window, out=out, splits=splits, tiles=torch.from_numpy(host).to(step.q.device))
+
+
+@pytest.mark.parametrize(("seq_lens", "query_lens"), [*MIXED, ([200, 1, 90, 7, 33], [1, 1, 40, 7, 1]),
+                                                      ([5, 1, 1], [0, 1, 1])])
+@pytest.mark.parametrize("window", [None, 30])
+def test_tile_map_launch_matches_reference(seq_lens, query_lens, window):
+    """A captured mixed step's attention (programs from the host's tile map, spare entries -1, one-token
+    rows through the split launch, a sequence with no query) equals the reference."""
+    step = make_step(seq_lens, query_lens, 8, 2, 64, 16, window=window, device=DEVICE, seed=len(seq_lens))
+    expected = step.reference()
+    check(run_tiled(step), expected, torch.float32)
+    check(run_tiled(step, map_rows=64, splits=3), expected, torch.float32)
+
+
+def test_fill_tile_map():
+    import numpy as np
+
+    out = np.zeros((8, 2), dtype=np.int32)
+    assert attention_triton.fill_tile_map(np.array([1, 5, 0, 2, 1]), 4, out) == 3
+    assert out.tolist() == [[1, 0], [1, 4], [3, 0], *[[-1, -1]] * 5]
+    assert attention_triton.max_tile_entries(9, 5, 4) >= 3
+    with pytest.raises(ValueError, match="do not fit"):
+        attention_triton.fill_tile_map(np.array([40]), 4, out)

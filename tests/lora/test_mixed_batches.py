@@ -53,13 +53,13 @@ def test_logits_of_one_batched_step_match_peft_alone(setup):
     base_dir, dirs, refs = setup
     llm = _llm(base_dir, dirs, max_loras=4)
     captured: list[torch.Tensor] = []
-    model = llm.engine.runner.model
-    original = model.compute_logits
-    model.compute_logits = lambda h: captured.append(original(h)) or captured[-1]  # type: ignore[method-assign]
+    runner = llm.engine.runner
+    original = runner._sample  # the sampling rows' logits, from every path (eager, step graph)
+    runner._sample = lambda logits, *a: captured.append(logits.float()) or original(logits, *a)  # type: ignore[method-assign]
     try:
         llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=1), adapters=ASSIGN)
     finally:
-        model.compute_logits = original  # type: ignore[method-assign]
+        runner._sample = original  # type: ignore[method-assign]
     assert len(captured) == 1, "every request must be prefilled in one step"
     logits = captured[0]
     for row, (prompt, name) in enumerate(zip(PROMPTS, ASSIGN, strict=True)):
@@ -81,4 +81,28 @@ def test_greedy_outputs_match_peft(setup, max_loras):
         assert out.adapter == name
     counts = llm.engine.adapters.counts()
     assert counts.lora_slots_used <= max_loras
+    assert_no_leaks(llm.engine)
+
+
+@pytest.mark.parametrize("budget", [16, 64])
+def test_step_graph_buffers_match_peft(setup, budget):
+    """The captured prefill/mixed step's padded forward (token buckets, the padding sequence, the tile
+    map, LoRA slots on the device, logits of the sampling rows gathered), run eagerly on the CPU,
+    gives HF + PEFT's greedy tokens; with a small token budget, chunked prefills mix with decodes."""
+    from loraplex.backend.engine.cuda_graphs import StepGraphs
+
+    base_dir, dirs, refs = setup
+    llm = _llm(base_dir, dirs, max_loras=2, max_num_batched_tokens=budget, max_num_seqs=8)
+    runner = llm.engine.runner
+    graphs = StepGraphs(runner.model, runner.block_size, len(runner.kv_cache[0, 0]) - 1, runner.table.block_table.shape[1],
+                        8, budget, runner.device, True, runner.last_sampled)
+    calls: list[int] = []
+    real_run = graphs.run
+    graphs.run = lambda inputs, source: calls.append(len(inputs.input_ids)) or real_run(inputs, source)  # type: ignore[method-assign]
+    runner.step_graphs = graphs
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), adapters=ASSIGN)
+    eos = refs[None].config.eos_token_id
+    for out, prompt, name in zip(outs, PROMPTS, ASSIGN, strict=True):
+        assert out.token_ids == hf_greedy(refs[name], prompt, MAX_NEW, eos), name
+    assert len(calls) >= 2 and max(calls) <= budget and any(n not in graphs.buckets for n in calls)
     assert_no_leaks(llm.engine)
