@@ -153,7 +153,7 @@ def test_warm_up_runs_every_launch_kind(monkeypatch, tmp_path):
         return real(*args)
 
     monkeypatch.setattr(attention_triton, "_launch", spy)
-    k_cache = torch.randn(4, 16, 2, 32)
+    k_cache = torch.randn(4, 16, 2, 32, device=DEVICE)
     attention_triton.warm_up(4, k_cache, torch.randn_like(k_cache), 32**-0.5, None)
     decode_all, multi, decode_rows = attention_triton.ALL_ROWS, attention_triton.MULTI_ROWS, attention_triton.DECODE_ROWS
     assert set(launches) == {(1, decode_all, 1, False), (1, decode_all, 2, False), (3, multi, 1, False),
