@@ -120,6 +120,9 @@ def byte_tokenizer_copy(model: Path) -> Path:
     return spelled
 
 
+ENGINE_ARGS: dict = {}  # engine options of every run (--max-capture-tokens)
+
+
 class Run:
     """One engine configuration measured on one workload."""
 
@@ -127,7 +130,7 @@ class Run:
         from loraplex import LLM
 
         self.shape, self.bw, self.flops = shape, *ceilings
-        self.llm = LLM(str(model_dir), dtype="bfloat16", max_lora_rank=16, **engine)
+        self.llm = LLM(str(model_dir), dtype="bfloat16", max_lora_rank=16, **{**ENGINE_ARGS, **engine})
 
     def measure(self, batch: int, prompt: int, gen: int, names: list[str | None] | None = None,
                 profile: bool = False, structured: dict | None = None) -> dict:
@@ -217,6 +220,10 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a CPU smoke test of the script itself (and of "
                     "lora_many / lora_loads at toy sizes when --cases names them; no figures)")
     ap.add_argument("--cases", default=",".join(ALL_CASES))
+    ap.add_argument("--no-defer-expand", action="store_true",
+                    help="LoRA expands in their own kernels (LoRALinear.defer_expand off), to compare")
+    ap.add_argument("--max-capture-tokens", type=int, default=None,
+                    help="the engines' max_capture_tokens (default: the engine's; 0 = decode graphs only)")
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--profile", action="store_true", help="torch.profiler + host timers on the b32 case")
     ap.add_argument("--graphs-only", action="store_true", help="decode1 without its eager twin (short budgets)")
@@ -227,6 +234,12 @@ def main() -> None:
     ap.add_argument("--loads", type=int, default=50, help="lora_loads: new adapters loaded under traffic")
     args = ap.parse_args()
     cases = args.cases.split(",")
+    if args.no_defer_expand:
+        from loraplex.backend.layers.lora import LoRALinear
+
+        LoRALinear.defer_expand = False
+    if args.max_capture_tokens is not None:
+        ENGINE_ARGS["max_capture_tokens"] = args.max_capture_tokens
     if args.tiny:
         return smoke(cases)
     bw, flops = floors.copy_bandwidth(), floors.matmul_flops()

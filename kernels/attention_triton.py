@@ -21,7 +21,6 @@ import itertools
 import os
 
 import numpy as np
-
 import torch
 import triton
 import triton.language as tl

@@ -8,17 +8,25 @@ so the Triton path rounds where they round.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from .attention import Backend, use_triton, write_kv
 
+if TYPE_CHECKING:
+    from .lora import LoRADelta
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
-             backend: Backend = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             backend: Backend = "auto", delta: LoRADelta | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, optionally after the residual add, in one kernel.
 
-    x, residual: [..., N]; weight: [N].
+    x, residual: [T, N]; weight: [N]; delta: a LoRA expand of the layer that made x, not yet applied
+    (``LoRALinear.forward_deferred``; one output slice), applied first as that expand would.
+    if delta is not None: x = x + delta                               (the expand, in x.dtype)
     if residual is not None: x = x + residual                         (in x.dtype; returned as r)
     y = weight * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)
     returns y, or (y, r) with a residual.
@@ -26,12 +34,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if use_triton(x, backend):
         from . import fused_triton
 
-        return fused_triton.rms_norm(x, weight, eps, residual)
-    return rms_norm_torch(x, weight, eps, residual)
+        return fused_triton.rms_norm(x, weight, eps, residual, delta)
+    return rms_norm_torch(x, weight, eps, residual, delta)
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                   delta: LoRADelta | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if delta is not None:
+        x = delta.applied(x)
     if residual is not None:
         x = x + residual
     dtype = x.dtype
@@ -40,16 +50,19 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     return y if residual is None else (y, x)
 
 
-def silu_and_mul(x: torch.Tensor, *, backend: Backend = "auto") -> torch.Tensor:
-    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]  [T, I] (silu rounded to x.dtype before the product)."""
+def silu_and_mul(x: torch.Tensor, *, backend: Backend = "auto", delta: LoRADelta | None = None) -> torch.Tensor:
+    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]  [T, I] (silu rounded to x.dtype before the product).
+    delta: the pending LoRA expand of the gate/up projection (two slices of I), applied to x first."""
     if use_triton(x, backend):
         from . import fused_triton
 
-        return fused_triton.silu_and_mul(x)
-    return silu_and_mul_torch(x)
+        return fused_triton.silu_and_mul(x, delta)
+    return silu_and_mul_torch(x, delta)
 
 
-def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul_torch(x: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tensor:
+    if delta is not None:
+        x = delta.applied(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -6,18 +6,46 @@ the twins up to reduction order (RMSNorm) or bit for bit (RoPE, SiLU-and-mul wit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
+if TYPE_CHECKING:
+    from .lora import LoRADelta
+
+
+@triton.jit
+def _lora_delta(x, row, cols, mask, h_off, col_off, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
+                s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK: tl.constexpr):
+    """x + the pending BGMV expand of token ``row`` on columns ``col_off + cols`` (its slice's h at
+    ``h_off``): scales[s] * sum_r B[s, col, r] * h[r], h summed over its P partials; rounded as the
+    expand kernel rounds y."""
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    if slot >= 0:
+        d = tl.zeros([BLOCK], tl.float32)
+        for r in range(0, R):
+            h_r = tl.load(h_ptr + row * s_ht + (h_off + r) * s_hn)
+            for p in range(1, P):
+                h_r += tl.load(h_ptr + p * s_hp + row * s_ht + (h_off + r) * s_hn)
+            w = tl.load(b_ptr + slot * s_bs + (col_off + cols) * s_bo + r * s_br, mask=mask, other=0.0)
+            d += w.to(tl.float32) * h_r
+        x = (x.to(tl.float32) + d * tl.load(sc_ptr + slot)).to(x.dtype)
+    return x
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, s_x, s_res, s_y, s_r, N, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
+                     HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:
+        x = _lora_delta(x, row, cols, mask, 0, 0, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
+                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK)
     if HAS_RES:
         res = tl.load(res_ptr + row * s_res + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(r_ptr.dtype.element_ty)
@@ -34,8 +62,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def _delta_args(delta: LoRADelta | None, fallback: torch.Tensor) -> tuple:
+    """The pending expand's pointers, counts and strides (h as [P, T, N]); placeholders without one."""
+    if delta is None:
+        return (fallback,) * 4 + (1, 1) + (0,) * 6
+    h = delta.h if delta.h.dim() == 3 else delta.h.unsqueeze(0)
+    return (h, delta.lora_b, delta.scales, delta.token_slots, h.shape[0], delta.lora_b.shape[2],
+            *h.stride(), *delta.lora_b.stride())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             delta: LoRADelta | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
     x2 = _rows(x)
     r_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -46,32 +83,42 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, y, r, x2.stride(0), res2.stride(0), y.stride(0), r.stride(0), n, eps,
-            HAS_RES=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            *_delta_args(delta, x2),
+            HAS_RES=residual is not None, HAS_DELTA=delta is not None, BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
         )
     y = y.view(*x.shape[:-1], n)
     return y if residual is None else (y, r.view(*x.shape[:-1], n))
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER,
+                         h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
     gate = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * s_x + INTER + cols, mask=mask, other=0.0)
+    if HAS_DELTA:  # slice 0 (gate) is h[:R] through B's first INTER rows, slice 1 (up) h[R:2R] the rest
+        gate = _lora_delta(gate, row, cols, mask, 0, 0, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
+                           s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK)
+        up = _lora_delta(up, row, cols, mask, R, INTER, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
+                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK)
     gf = gate.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
     tl.store(y_ptr + row * s_y + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tensor:
     inter = x.shape[-1] // 2
     x2 = _rows(x)
     y = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, y, x2.stride(0), y.stride(0), inter, BLOCK=block, num_warps=4,
+            x2, y, x2.stride(0), y.stride(0), inter, *_delta_args(delta, x2),
+            HAS_DELTA=delta is not None, BLOCK=block, num_warps=4,
         )
     return y.view(*x.shape[:-1], inter)
 

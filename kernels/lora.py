@@ -107,6 +107,25 @@ class LoRABatchMeta:
         return self._tiles[block_m]
 
 
+@dataclass
+class LoRADelta:
+    """A BGMV expand computed later, by the op that consumes the layer's output (``fused.rms_norm``,
+    ``fused.silu_and_mul``: one launch fewer per LoRA layer): y += scales[s] * B[s] @ h[t] per token
+    t of slot s = token_slots[t] >= 0, slice by slice, h summed over its partials."""
+
+    h: Tensor  # [P, T, n*R] or [T, n*R] float32, from shrink
+    lora_b: Tensor  # [S, sum(out_slices), R]
+    scales: Tensor  # [S] float32
+    out_slices: tuple[int, ...]
+    token_slots: Tensor  # [>=T] int32
+
+    def applied(self, y: Tensor, backend: Backend = "auto") -> Tensor:
+        """y + the delta, as ``expand`` would leave it (a new tensor; the torch twins' path)."""
+        out = y.clone()
+        _ops(out, backend).bgmv_expand(out, self.h, self.lora_b, self.scales, self.out_slices, self.token_slots)
+        return out
+
+
 def _host_slots(token_slots: Sequence[int] | Tensor | np.ndarray) -> np.ndarray:
     if isinstance(token_slots, Tensor):
         return token_slots.detach().to("cpu", torch.int32).numpy().ravel()

@@ -181,7 +181,7 @@ class StepGraphs:
             if prefill_block_q is not None else 16
         t, s = self.buckets[-1], max_seqs + 1  # + the padding sequence
         self.max_seqs = max_seqs
-        self.num_tiles = {b: max_tile_entries(b, max_seqs, self.block_q) if max_tile_entries else 1
+        self.num_tiles = {b: max_tile_entries(b, max_seqs, self.block_q) if max_tile_entries is not None else 1
                           for b in self.buckets}
         nt = self.num_tiles[t]
         # host staging (pinned on CUDA), two sets used alternately (see DecodeGraphs): token rows = input

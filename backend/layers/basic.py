@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -10,6 +10,9 @@ from torch import nn
 from loraplex.errors import UnsupportedModelError
 from loraplex.kernels import fused
 from loraplex.kernels.gemv import skinny_linear
+
+if TYPE_CHECKING:
+    from loraplex.kernels.lora import LoRADelta
 
 
 class RMSNorm(nn.Module):
@@ -23,9 +26,11 @@ class RMSNorm(nn.Module):
         assert isinstance(out, torch.Tensor)
         return out
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual), one fused kernel on CUDA."""
-        out = fused.rms_norm(x, self.weight, self.eps, residual)
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, delta: LoRADelta | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), one fused kernel on CUDA; ``delta``: the pending LoRA
+        expand of the projection that made x, added to x first (in the same kernel)."""
+        out = fused.rms_norm(x, self.weight, self.eps, residual, delta=delta)
         assert isinstance(out, tuple)
         return out
 
@@ -38,8 +43,8 @@ class Linear(nn.Linear):
         return skinny_linear(x, self.weight, self.bias)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    return fused.silu_and_mul(gate_up)
+def silu_and_mul(gate_up: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tensor:
+    return fused.silu_and_mul(gate_up, delta=delta)
 
 
 class RotaryEmbedding(nn.Module):

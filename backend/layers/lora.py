@@ -10,7 +10,7 @@ from the forward context, so the model files never see adapters.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from loraplex.backend.layers.context import get_context
 from loraplex.kernels.gemv import skinny_linear
 from loraplex.kernels.lora import (
     LoRABatchMeta,
+    LoRADelta,
     LoRATiles,
     expand,
     fused_lora,
@@ -49,6 +50,9 @@ class LoRALinear(nn.Module):
     # Fused halves the Triton launches of eager (prefill and mixed) steps, whose host cost is ~77 us each;
     # what that is worth end to end is not measured yet, so it is not the default.
     mode: ClassVar[Mode] = "overlap"
+    # forward_deferred may leave a BGMV expand (decode, small steps) to the op that consumes the output
+    # (the residual-add RMSNorm, SiLU-and-mul): a launch fewer per LoRA layer. Benches switch it off to compare.
+    defer_expand: ClassVar[bool] = True
     _warmed: ClassVar[set[tuple]] = set()
     _side_streams: ClassVar[dict[torch.device, torch.cuda.Stream]] = {}
 
@@ -103,9 +107,29 @@ class LoRALinear(nn.Module):
                    tiles)
         return y
 
-    def _overlapped(self, x: torch.Tensor, meta: LoRABatchMeta, tiles: LoRATiles | None) -> torch.Tensor:
-        """Fork: shrink on the side stream, base GEMM here; join; expand. Every allocation and the SGMV
-        tile table (``route``) are made on this stream, before the fork."""
+    def forward_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
+        """(y without its LoRA delta, the delta) when the expand can wait for the consumer's kernel (a
+        BGMV route, two-kernel modes, no forward hooks such as tensor parallelism's all-reduce, which
+        must see the whole output); else (forward(x), None). On CPU the consumer's torch twin applies
+        the delta with the same expand, so CPU tests run this path too."""
+        meta = get_context().lora
+        if (not self.defer_expand or meta is None or self.lora_a is None or meta.no_lora
+                or self.mode == "fused" or self._forward_hooks):
+            return self(x), None
+        assert self.lora_b is not None and self.lora_scales is not None
+        if route(meta, self.lora_a, self.lora_b.shape[2]) is not None:  # SGMV: expand in place
+            return self(x), None
+        if self.mode == "overlap" and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            y, h = self._overlapped(x, meta, None, expand_now=False)
+        else:
+            y = skinny_linear(x, self.weight, self.bias)
+            h = shrink(x, self.lora_a, meta, None)
+        return y, LoRADelta(h, self.lora_b, self.lora_scales, self.out_slices, meta.token_slots)
+
+    def _overlapped(self, x: torch.Tensor, meta: LoRABatchMeta, tiles: LoRATiles | None,
+                    expand_now: bool = True) -> Any:
+        """Fork: shrink on the side stream, base GEMM here; join; expand (or return (y, h) without).
+        Every allocation and the SGMV tile table (``route``) are made on this stream, before the fork."""
         assert self.lora_a is not None and self.lora_b is not None and self.lora_scales is not None
         buf = lora_buffer(x.shape[0], self.lora_a)
         main, side = torch.cuda.current_stream(), self._side_streams[x.device]
@@ -114,5 +138,7 @@ class LoRALinear(nn.Module):
             h = shrink(x, self.lora_a, meta, tiles, buf)
         y = skinny_linear(x, self.weight, self.bias)
         main.wait_stream(side)
+        if not expand_now:
+            return y, h
         expand(y, h, self.lora_b, self.lora_scales, self.out_slices, meta, tiles)
         return y

@@ -17,6 +17,7 @@ from torch import nn
 from loraplex.backend.layers.attention import PagedAttention
 from loraplex.backend.layers.basic import Linear, RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
 from loraplex.backend.layers.lora import LoRALinear
+from loraplex.kernels.lora import LoRADelta
 from loraplex.lora.peft import projection_shapes
 from loraplex.lora.types import PACKED_MODULES
 
@@ -68,11 +69,12 @@ class Attention(nn.Module):
         self.attn = PagedAttention(spec.num_heads, spec.num_kv_heads, spec.head_dim, rope, spec.sliding_window,
                                    spec.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
+        """-> (o_proj's output, its LoRA expand left to the next norm, or None)."""
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight)
-        return self.o_proj(self.attn(positions, self.qkv_proj(x), qk_norm))
+        return self.o_proj.forward_deferred(self.attn(positions, self.qkv_proj(x), qk_norm))
 
 
 class MLP(nn.Module):
@@ -81,8 +83,10 @@ class MLP(nn.Module):
         self.gate_up_proj = LoRALinear(spec.hidden_size, (spec.intermediate_size, spec.intermediate_size))
         self.down_proj = LoRALinear(spec.intermediate_size, (spec.hidden_size,))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
+        """-> (down_proj's output, its LoRA expand left to the next norm, or None); gate_up's expand
+        runs inside SiLU-and-mul."""
+        return self.down_proj.forward_deferred(silu_and_mul(*self.gate_up_proj.forward_deferred(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -93,16 +97,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: this layer's input less ``residual`` (None at the first layer) -> (mlp output, residual)."""
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None,
+                delta: LoRADelta | None = None) -> tuple[torch.Tensor, torch.Tensor, LoRADelta | None]:
+        """h: this layer's input less ``residual`` (None at the first layer) and ``delta`` (the previous
+        layer's pending LoRA expand) -> (mlp output, residual, this layer's pending expand)."""
         if residual is None:
             h, residual = self.input_layernorm(h), h
         else:
-            h, residual = self.input_layernorm.add_norm(h, residual)
-        h = self.self_attn(positions, h)
-        h, residual = self.post_attention_layernorm.add_norm(h, residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm.add_norm(h, residual, delta)
+        h, delta = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual, delta)
+        h, delta = self.mlp(h)
+        return h, residual, delta
 
 
 class DecoderModel(nn.Module):
@@ -122,11 +128,11 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        h, residual = self.embed_tokens(input_ids), None
+        h, residual, delta = self.embed_tokens(input_ids), None, None
         for layer in self.layers:
-            h, residual = layer(positions, h, residual)
+            h, residual, delta = layer(positions, h, residual, delta)
         assert residual is not None
-        return self.norm.add_norm(h, residual)[0]
+        return self.norm.add_norm(h, residual, delta)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""

@@ -135,3 +135,41 @@ def check_prologue(tokens: int, heads: int, kv_heads: int, head_dim: int, block_
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(4, 2, 64, 4), (3, 1, 80, 1)])
 def test_qk_norm_rope_write_kv(heads, kv_heads, head_dim, block_size, dtype, qk_norm):
     check_prologue(7, heads, kv_heads, head_dim, block_size, dtype, qk_norm)
+
+
+def make_delta(tokens: int, out_slices: tuple[int, ...], dtype: torch.dtype, partials: int = 1, rank: int = 8):
+    """A pending BGMV expand over 3 slots (rank < the stack's 16 columns, zero-padded as the slots are),
+    token 1 on no adapter."""
+    from loraplex.kernels.lora import LoRADelta
+
+    n, r_max = len(out_slices), 16
+    h = rand(partials, tokens, n * r_max, dtype=torch.float32, seed=11) * 0.25
+    b = torch.zeros(3, sum(out_slices), r_max, dtype=dtype, device=DEVICE)
+    b[:, :, :rank] = rand(3, sum(out_slices), rank, dtype=dtype, seed=12)
+    slots = torch.tensor([(2 * t) % 3 if t != 1 else -1 for t in range(tokens)], dtype=torch.int32, device=DEVICE)
+    scales = torch.tensor([0.5, 2.0, 1.25], device=DEVICE)
+    return LoRADelta(h if partials > 1 else h[0], b, scales, out_slices, slots)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("partials", [1, 3])
+def test_norm_and_silu_apply_a_pending_lora_expand(dtype, partials):
+    """The deferred expand inside the residual-add RMSNorm and SiLU-and-mul equals the expand kernel's
+    torch twin applied first (rounded to the dtype where the expand rounds), then the plain op."""
+    tokens, dim, inter = 5, 96, 40
+    norm = layer_norm(dim, dtype)
+    x, res = rand(tokens, dim, dtype=dtype, seed=1), rand(tokens, dim, dtype=dtype, seed=2)
+    delta = make_delta(tokens, (dim,), dtype, partials)
+    expanded = delta.applied(x, backend="torch")
+    assert not torch.equal(expanded[0], x[0]) and torch.equal(expanded[1], x[1])  # token 1: no adapter
+    with torch.no_grad():
+        y, r = rms_norm(x, norm.weight, norm.eps, res, backend="triton", delta=delta)
+        y_ref, r_ref = rms_norm(expanded, norm.weight, norm.eps, res, backend="torch")
+        close(r, r_ref)
+        close(y, y_ref)
+        close(rms_norm(x, norm.weight, norm.eps, res, backend="torch", delta=delta)[0], y_ref)
+    gate_up = rand(tokens, 2 * inter, dtype=dtype, seed=3)
+    delta = make_delta(tokens, (inter, inter), dtype, partials)
+    ref = silu_and_mul(delta.applied(gate_up, backend="torch"), backend="torch")
+    close(silu_and_mul(gate_up, backend="triton", delta=delta), ref)
+    close(silu_and_mul(gate_up, backend="torch", delta=delta), ref)
