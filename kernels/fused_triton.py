@@ -18,34 +18,38 @@ if TYPE_CHECKING:
 
 @triton.jit
 def _lora_delta(x, row, cols, mask, h_off, col_off, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK: tl.constexpr):
+                s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R: tl.constexpr):
     """x + the pending BGMV expand of token ``row`` on columns ``col_off + cols`` (its slice's h at
-    ``h_off``): scales[s] * sum_r B[s, col, r] * h[r], h summed over its P partials; rounded as the
-    expand kernel rounds y."""
+    ``h_off``): scales[s] * sum_r B[s, col, r] * h[r], h summed over its P partials; the expand
+    kernel's arithmetic and rounding (lora_triton._bgmv_expand_kernel)."""
     slot = tl.load(slots_ptr + row).to(tl.int64)
     if slot >= 0:
-        d = tl.zeros([BLOCK], tl.float32)
-        for r in range(0, R):
-            h_r = tl.load(h_ptr + row * s_ht + (h_off + r) * s_hn)
-            for p in range(1, P):
-                h_r += tl.load(h_ptr + p * s_hp + row * s_ht + (h_off + r) * s_hn)
-            w = tl.load(b_ptr + slot * s_bs + (col_off + cols) * s_bo + r * s_br, mask=mask, other=0.0)
-            d += w.to(tl.float32) * h_r
-        x = (x.to(tl.float32) + d * tl.load(sc_ptr + slot)).to(x.dtype)
+        rs = tl.arange(0, BLOCK_R)
+        r_ok = rs < R
+        h_ptrs = h_ptr + row * s_ht + (h_off + rs) * s_hn
+        h = tl.load(h_ptrs, mask=r_ok, other=0.0)
+        for p in range(1, P):
+            h += tl.load(h_ptrs + p * s_hp, mask=r_ok, other=0.0)
+        w = tl.load(b_ptr + slot * s_bs + (col_off + cols)[:, None] * s_bo + rs[None, :] * s_br,
+                    mask=mask[:, None] & r_ok[None, :], other=0.0)
+        d = tl.sum(w.to(tl.float32) * h[None, :], axis=1) * tl.load(sc_ptr + slot)
+        x = (x.to(tl.float32) + d).to(x.dtype)
     return x
 
 
-@triton.jit
+# P (the shrink's partial sums) and the partials' stride follow the step's token count: runtime values,
+# never specialised (a value of 1 or a multiple of 16 would compile another variant mid-serving).
+@triton.jit(do_not_specialize=["P", "s_hp"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, s_x, s_res, s_y, s_r, N, eps,
                      h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
-                     HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         x = _lora_delta(x, row, cols, mask, 0, 0, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK)
+                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
     if HAS_RES:
         res = tl.load(res_ptr + row * s_res + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(r_ptr.dtype.element_ty)
@@ -71,6 +75,10 @@ def _delta_args(delta: LoRADelta | None, fallback: torch.Tensor) -> tuple:
             *h.stride(), *delta.lora_b.stride())
 
 
+def _block_r(delta: LoRADelta | None) -> int:
+    return 1 if delta is None else max(4, triton.next_power_of_2(delta.lora_b.shape[2]))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              delta: LoRADelta | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
@@ -84,17 +92,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, y, r, x2.stride(0), res2.stride(0), y.stride(0), r.stride(0), n, eps,
             *_delta_args(delta, x2),
-            HAS_RES=residual is not None, HAS_DELTA=delta is not None, BLOCK=block,
+            HAS_RES=residual is not None, HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta),
             num_warps=min(16, max(1, block // 256)),
         )
     y = y.view(*x.shape[:-1], n)
     return y if residual is None else (y, r.view(*x.shape[:-1], n))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "s_hp"])
 def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER,
                          h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
@@ -102,9 +110,9 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER,
     up = tl.load(x_ptr + row * s_x + INTER + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # slice 0 (gate) is h[:R] through B's first INTER rows, slice 1 (up) h[R:2R] the rest
         gate = _lora_delta(gate, row, cols, mask, 0, 0, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                           s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK)
+                           s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
         up = _lora_delta(up, row, cols, mask, R, INTER, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK)
+                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
     gf = gate.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
     tl.store(y_ptr + row * s_y + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
@@ -118,7 +126,7 @@ def silu_and_mul(x: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tenso
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
             x2, y, x2.stride(0), y.stride(0), inter, *_delta_args(delta, x2),
-            HAS_DELTA=delta is not None, BLOCK=block, num_warps=4,
+            HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta), num_warps=4,
         )
     return y.view(*x.shape[:-1], inter)
 

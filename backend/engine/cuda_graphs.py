@@ -80,12 +80,10 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
-    def capture_all(self, pool: Any = None) -> None:
-        """Captures every bucket, largest first so that smaller ones reuse its memory pool (or ``pool``:
-        another set's graphs, which never replay at the same time)."""
+    def capture_all(self) -> None:
+        """Captures every bucket, largest first so that smaller ones reuse its memory pool."""
         t = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
-        self.pool = pool
         for has_lora in self.lora_modes:
             for bs in reversed(self.buckets):
                 self.graphs[(bs, has_lora)] = self._capture(bs, has_lora)
@@ -214,11 +212,10 @@ class StepGraphs:
         return (len(inputs.input_ids) <= self.buckets[-1] and len(inputs.requests) <= self.max_seqs
                 and not inputs.prompt_rows)
 
-    def capture_all(self, pool: Any = None) -> None:
+    def capture_all(self) -> None:
         """Captures every bucket, largest first (smaller ones reuse its memory pool)."""
         t0 = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
-        self.pool = pool
         for has_lora in self.lora_modes:
             for t in reversed(self.buckets):
                 self._forward(t, has_lora)  # warm-up: compiles kernels, settles the allocator
