@@ -164,7 +164,7 @@ class StepGraphs:
 
     Sequences: up to ``max_seqs`` real ones, then rows with no query, then the padding sequence (row
     ``max_seqs``), whose tokens fill the bucket: position 0, the dummy block, no adapter, never sampled.
-    With ``capture=False`` (CPU, tests) ``run`` executes the same padded forward eagerly."""
+    Until ``capture_all`` (never on CPU: tests) ``run`` executes the same padded forward eagerly."""
 
     def __init__(self, model: DecoderModel, block_size: int, dummy_block: int, max_blocks_per_seq: int,
                  max_seqs: int, max_tokens: int, device: torch.device, with_lora: bool, last_sampled: torch.Tensor):
