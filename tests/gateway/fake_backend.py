@@ -19,6 +19,11 @@ from loraplex.clients import pb, pb_grpc
 
 BASE = "fake-base"
 MAX_MODEL_LEN = 4096
+VOCAB_SIZE = 0x110000  # one token per Unicode code point; surrogates are not tokens
+
+
+def is_token(t: int) -> bool:
+    return 0 <= t < VOCAB_SIZE and not 0xD800 <= t < 0xE000
 
 
 def transform(adapter: str, text: str) -> str:
@@ -66,6 +71,11 @@ class FakeServicer(pb_grpc.InferenceServiceServicer):
             self.running -= 1
 
     async def _check(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        bad = [t for t in request.token_ids.ids if not is_token(t)]
+        if request.WhichOneof("input") == "token_ids" and bad:
+            # the real server's InputProcessor answers the same way
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"token_ids: token id {bad[0]} is not in the vocabulary")
         text = prompt_text(request)
         if request.adapter and request.adapter not in self.adapters:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter '{request.adapter}' is not registered")

@@ -144,3 +144,11 @@ def test_completions_refuse_an_unsupported_service_tier(gw: GatewayHarness) -> N
     r = httpx.post(gw.url + "/v1/completions", json={"model": BASE, "prompt": "x", "service_tier": "priority"},
                    timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "service_tier"
+
+
+def test_prompt_token_ids_off_the_vocabulary_are_a_400(gw: GatewayHarness) -> None:
+    """Schemathesis once sent ``"prompt": [3151844, 3151844]``: the backend's INVALID_ARGUMENT must
+    come back as OpenAI's 400, never a 500."""
+    r = httpx.post(gw.url + "/v1/completions", json={"model": BASE, "prompt": [3151844, 3151844]}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "vocabulary" in r.json()["error"]["message"]
