@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(ALL_CASES))
     ap.add_argument("--no-defer-expand", action="store_true",
                     help="LoRA expands in their own kernels (LoRALinear.defer_expand off), to compare")
+    ap.add_argument("--no-early-shrink", action="store_true",
+                    help="LoRA shrinks in their own kernels (LoRALinear.shrink_early off), to compare")
     ap.add_argument("--max-capture-tokens", type=int, default=None,
                     help="the engines' max_capture_tokens (default: the engine's; 0 = decode graphs only)")
     ap.add_argument("--adapters", type=int, default=32)
@@ -238,6 +240,10 @@ def main() -> None:
         from loraplex.backend.layers.lora import LoRALinear
 
         LoRALinear.defer_expand = False
+    if args.no_early_shrink:
+        from loraplex.backend.layers.lora import LoRALinear
+
+        LoRALinear.shrink_early = False
     if args.max_capture_tokens is not None:
         ENGINE_ARGS["max_capture_tokens"] = args.max_capture_tokens
     if args.tiny:

@@ -69,7 +69,8 @@ def adapter_deltas(before: Any, after: Any) -> dict:
             "cpu_cache_hit_rate": round(cpu_hits / cpu_lookups, 4) if cpu_lookups else None,
             "slot_misses": lookups - slot_hits, "source_loads": after.adapter_source_loads - before.adapter_source_loads,
             "slot_evictions": after.adapter_slot_evictions - before.adapter_slot_evictions,
-            "admissions_overdue": after.adapter_admissions_overdue - before.adapter_admissions_overdue}
+            "admissions_overdue": after.adapter_admissions_overdue - before.adapter_admissions_overdue,
+            "steps": after.num_steps - before.num_steps}
 
 
 def many_run(model: Path, root: Path, dirs: list[Path], n: int, p: dict) -> dict:

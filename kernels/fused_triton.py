@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 if TYPE_CHECKING:
-    from .lora import LoRADelta
+    from .lora import LoRADelta, LoRAShrink
 
 
 @triton.jit
@@ -21,7 +21,8 @@ def _lora_delta(x, row, cols, mask, h_off, col_off, h_ptr, b_ptr, sc_ptr, slots_
                 s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R: tl.constexpr):
     """x + the pending BGMV expand of token ``row`` on columns ``col_off + cols`` (its slice's h at
     ``h_off``): scales[s] * sum_r B[s, col, r] * h[r], h summed over its P partials; the expand
-    kernel's arithmetic and rounding (lora_triton._bgmv_expand_kernel)."""
+    kernel's arithmetic and rounding (lora_triton._bgmv_expand_kernel). x, cols and mask: one shape,
+    1-D or 2-D (the rank is a new last axis)."""
     slot = tl.load(slots_ptr + row).to(tl.int64)
     if slot >= 0:
         rs = tl.arange(0, BLOCK_R)
@@ -30,19 +31,38 @@ def _lora_delta(x, row, cols, mask, h_off, col_off, h_ptr, b_ptr, sc_ptr, slots_
         h = tl.load(h_ptrs, mask=r_ok, other=0.0)
         for p in range(1, P):
             h += tl.load(h_ptrs + p * s_hp, mask=r_ok, other=0.0)
-        w = tl.load(b_ptr + slot * s_bs + (col_off + cols)[:, None] * s_bo + rs[None, :] * s_br,
-                    mask=mask[:, None] & r_ok[None, :], other=0.0)
-        d = tl.sum(w.to(tl.float32) * h[None, :], axis=1) * tl.load(sc_ptr + slot)
+        w = tl.load(b_ptr + slot * s_bs + tl.expand_dims(col_off + cols, -1) * s_bo + rs * s_br,
+                    mask=tl.expand_dims(mask, -1) & r_ok, other=0.0)
+        d = tl.sum(w.to(tl.float32) * h, axis=-1) * tl.load(sc_ptr + slot)
         x = (x.to(tl.float32) + d).to(x.dtype)
     return x
 
 
+@triton.jit
+def _lora_shrink(v, row, cols, mask, out_ptr, a_ptr, slots_ptr, s_as, s_an, s_ah, s_on,
+                 NS: tl.constexpr, BLOCK_NS: tl.constexpr):
+    """out[n] = sum over ``cols`` of A[s, n, col] * v[col] for n < NS, token ``row`` of slot s >= 0 (no
+    store for base rows): the BGMV shrink's arithmetic over the producer's stored values (v, float32),
+    BLOCK_NS rows of A at a time."""
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    if slot >= 0:
+        ns = tl.arange(0, BLOCK_NS)
+        for n0 in tl.static_range(0, NS, BLOCK_NS):
+            n_ok = (n0 + ns) < NS
+            a = tl.load(a_ptr + slot * s_as + (n0 + ns)[:, None] * s_an + cols[None, :] * s_ah,
+                        mask=n_ok[:, None] & mask[None, :], other=0.0)
+            tl.store(out_ptr + (n0 + ns) * s_on, tl.sum(a.to(tl.float32) * v[None, :], axis=1), mask=n_ok)
+
+
 # P (the shrink's partial sums) and the partials' stride follow the step's token count: runtime values,
-# never specialised (a value of 1 or a multiple of 16 would compile another variant mid-serving).
-@triton.jit(do_not_specialize=["P", "s_hp"])
+# never specialised (a value of 1 or a multiple of 16 would compile another variant mid-serving); so is
+# the early shrink's output row stride.
+@triton.jit(do_not_specialize=["P", "s_hp", "s_gt", "s_gp"])
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, s_x, s_res, s_y, s_r, N, eps,
                      h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
-                     HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+                     g_ptr, a_ptr, gsl_ptr, s_gt, s_gn, s_as, s_an, s_ah, s_gp,
+                     HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                     NS: tl.constexpr, BLOCK_NS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -58,7 +78,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, s_x, s_res, s_y, s_r, 
     rstd = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, 0) / N + eps)
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * s_y + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=mask)
+    y = (w * normed).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * s_y + cols, y, mask=mask)
+    if NS > 0:  # the early shrink of the layer that reads y
+        _lora_shrink(y.to(tl.float32), row, cols, mask, g_ptr + row * s_gt, a_ptr, gsl_ptr, s_as, s_an, s_ah, s_gn,
+                     NS, BLOCK_NS)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +103,24 @@ def _block_r(delta: LoRADelta | None) -> int:
     return 1 if delta is None else max(4, triton.next_power_of_2(delta.lora_b.shape[2]))
 
 
+def _shrink_args(shrink: LoRAShrink | None, rows: int, partials: int, block: int, warps: int,
+                 fallback: torch.Tensor) -> tuple[tuple, dict]:
+    """The early shrink's output (made here and left in ``shrink.h``: [partials, rows, N] float32), A,
+    slots and strides, with its constexprs NS (0: none) and BLOCK_NS (rows of A a step: about 64
+    elements a thread)."""
+    if shrink is None:
+        return (fallback,) * 3 + (0,) * 6, {"NS": 0, "BLOCK_NS": 1}
+    a = shrink.lora_a
+    n = a.shape[1]
+    h = torch.empty(partials, rows, n, dtype=torch.float32, device=a.device)
+    shrink.h = h
+    block_ns = max(1, min(triton.next_power_of_2(n), 64 * 32 * warps // block))
+    return (h, a, shrink.token_slots, *h.stride()[1:], *a.stride(), h.stride(0)), {"NS": n, "BLOCK_NS": block_ns}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             delta: LoRADelta | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             delta: LoRADelta | None = None, shrink: LoRAShrink | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
     x2 = _rows(x)
     r_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -88,21 +128,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res2 = _rows(residual) if residual is not None else x2
     r = torch.empty(x2.shape, dtype=r_dtype, device=x.device) if residual is not None else y
     block = triton.next_power_of_2(n)
+    warps = min(16, max(1, block // 256))
+    shrink_args, shrink_consts = _shrink_args(shrink, x2.shape[0], 1, block, warps, x2)
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, y, r, x2.stride(0), res2.stride(0), y.stride(0), r.stride(0), n, eps,
-            *_delta_args(delta, x2),
+            *_delta_args(delta, x2), *shrink_args,
             HAS_RES=residual is not None, HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta),
-            num_warps=min(16, max(1, block // 256)),
+            **shrink_consts, num_warps=warps,
         )
     y = y.view(*x.shape[:-1], n)
     return y if residual is None else (y, r.view(*x.shape[:-1], n))
 
 
-@triton.jit(do_not_specialize=["P", "s_hp"])
+@triton.jit(do_not_specialize=["P", "s_hp", "s_gt", "s_gp"])
 def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER,
                          h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+                         g_ptr, a_ptr, gsl_ptr, s_gt, s_gn, s_as, s_an, s_ah, s_gp,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                         NS: tl.constexpr, BLOCK_NS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
@@ -115,18 +159,25 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER,
                          s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
     gf = gate.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
-    tl.store(y_ptr + row * s_y + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    y = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    tl.store(y_ptr + row * s_y + cols, y, mask=mask)
+    if NS > 0:  # the down projection's early shrink: this program's columns make partial sum pid(1)
+        _lora_shrink(y.to(tl.float32), row, cols, mask, g_ptr + tl.program_id(1) * s_gp + row * s_gt, a_ptr, gsl_ptr,
+                     s_as, s_an, s_ah, s_gn, NS, BLOCK_NS)
 
 
-def silu_and_mul(x: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, delta: LoRADelta | None = None, shrink: LoRAShrink | None = None) -> torch.Tensor:
     inter = x.shape[-1] // 2
     x2 = _rows(x)
     y = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(inter))
+    blocks = triton.cdiv(inter, block)
+    shrink_args, shrink_consts = _shrink_args(shrink, x2.shape[0], blocks, block, 4, x2)
     if x2.shape[0]:
-        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, y, x2.stride(0), y.stride(0), inter, *_delta_args(delta, x2),
-            HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta), num_warps=4,
+        _silu_and_mul_kernel[(x2.shape[0], blocks)](
+            x2, y, x2.stride(0), y.stride(0), inter, *_delta_args(delta, x2), *shrink_args,
+            HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta),
+            **shrink_consts, num_warps=4,
         )
     return y.view(*x.shape[:-1], inter)
 
@@ -180,15 +231,23 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 
 @triton.jit
-def _norm_rope_heads(src_ptr, dst_ptr, s_dst_h, w_ptr, eps, c1, c2, s1, s2, dst_slot,
+def _norm_rope_heads(src_ptr, col0, dst_ptr, s_dst_h, w_ptr, eps, c1, c2, s1, s2, dst_slot, t, h_off,
+                     lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
                      HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                     HAS_NORM: tl.constexpr):
-    """Heads [HEADS, 2*HALF] at src (contiguous heads): optional per-head RMSNorm, RoPE, store at dst."""
+                     HAS_NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Heads [HEADS, 2*HALF] at src + col0 (contiguous heads): the pending LoRA expand (its slice's h at
+    h_off), optional per-head RMSNorm, RoPE, store at dst."""
     h = tl.arange(0, H_PAD)[:, None]
     d = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < HEADS) & (d < HALF)
-    x1 = tl.load(src_ptr + h * (2 * HALF) + d, mask=mask, other=0.0)
-    x2 = tl.load(src_ptr + h * (2 * HALF) + HALF + d, mask=mask, other=0.0)
+    cols = col0 + h * (2 * HALF) + d
+    x1 = tl.load(src_ptr + cols, mask=mask, other=0.0)
+    x2 = tl.load(src_ptr + cols + HALF, mask=mask, other=0.0)
+    if HAS_DELTA:
+        x1 = _lora_delta(x1, t, cols, mask, h_off, 0, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R,
+                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+        x2 = _lora_delta(x2, t, cols + HALF, mask, h_off, 0, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R,
+                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
     f1 = x1.to(tl.float32)
     f2 = x2.to(tl.float32)
     if HAS_NORM:  # rounded to x's dtype, then times the weight, as RMSNorm does
@@ -203,11 +262,14 @@ def _norm_rope_heads(src_ptr, dst_ptr, s_dst_h, w_ptr, eps, c1, c2, s1, s2, dst_
     tl.store(ptr + HALF, (f2 * c2 + f1 * s2).to(dst_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# P and the partials' stride of a pending LoRA expand follow the step's token count (see _rms_norm_kernel).
+@triton.jit(do_not_specialize=["P", "s_hp"])
 def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, kc_ptr, vc_ptr, slots_ptr,
                             s_qkv, s_q, s_cos, s_sin, s_cn, s_cb, s_ch, s_dn, s_db, s_dh, eps,
+                            lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
                             H: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-                            HALF: tl.constexpr, HALF_PAD: tl.constexpr, BS: tl.constexpr, HAS_NORM: tl.constexpr):
+                            HALF: tl.constexpr, HALF_PAD: tl.constexpr, BS: tl.constexpr, HAS_NORM: tl.constexpr,
+                            HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     p = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -218,23 +280,31 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
     s1 = tl.load(sin_ptr + p * s_sin + d, mask=dm, other=0.0)
     s2 = tl.load(sin_ptr + p * s_sin + HALF + d, mask=dm, other=0.0)
     row = qkv_ptr + t * s_qkv
-    _norm_rope_heads(row, q_ptr + t * s_q, 2 * HALF, qw_ptr, eps, c1, c2, s1, s2, t,
-                     H, H_PAD, HALF, HALF_PAD, HAS_NORM)
+    _norm_rope_heads(row, 0, q_ptr + t * s_q, 2 * HALF, qw_ptr, eps, c1, c2, s1, s2, t, t, 0,
+                     lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
+                     H, H_PAD, HALF, HALF_PAD, HAS_NORM, HAS_DELTA, BLOCK_R)
     blk = tl.maximum(slot, 0) // BS
     off = tl.maximum(slot, 0) % BS
-    _norm_rope_heads(row + H * 2 * HALF, kc_ptr + blk * s_cn + off * s_cb, s_ch, kw_ptr, eps, c1, c2, s1, s2,
-                     slot, HKV, HKV_PAD, HALF, HALF_PAD, HAS_NORM)
+    _norm_rope_heads(row, H * 2 * HALF, kc_ptr + blk * s_cn + off * s_cb, s_ch, kw_ptr, eps, c1, c2, s1, s2,
+                     slot, t, R, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
+                     HKV, HKV_PAD, HALF, HALF_PAD, HAS_NORM, HAS_DELTA, BLOCK_R)
     h = tl.arange(0, HKV_PAD)[:, None]
     dv = tl.arange(0, 2 * HALF_PAD)[None, :]
-    vmask = (h < HKV) & (dv < 2 * HALF) & ((tl.zeros([HKV_PAD, 2 * HALF_PAD], tl.int64) + slot) >= 0)
-    v = tl.load(row + (H + HKV) * 2 * HALF + h * (2 * HALF) + dv, mask=vmask)
+    vmask = (h < HKV) & (dv < 2 * HALF)
+    cols = (H + HKV) * 2 * HALF + h * (2 * HALF) + dv
+    v = tl.load(row + cols, mask=vmask, other=0.0)
+    if HAS_DELTA:
+        v = _lora_delta(v, t, cols, vmask, 2 * R, 0, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R,
+                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+    vmask = vmask & ((tl.zeros([HKV_PAD, 2 * HALF_PAD], tl.int64) + slot) >= 0)
     tl.store(vc_ptr + blk * s_dn + off * s_db + h * s_dh + dv, v.to(vc_ptr.dtype.element_ty), mask=vmask)
 
 
 def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                           num_heads: int, num_kv_heads: int, q_norm_weight: torch.Tensor | None,
-                          k_norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+                          k_norm_weight: torch.Tensor | None, eps: float, delta: LoRADelta | None = None
+                          ) -> torch.Tensor:
     num_tokens = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     if qkv.stride(-1) != 1:
@@ -245,12 +315,16 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
     if num_tokens == 0:
         return q
     half = head_dim // 2
+    h_pad, block_r = triton.next_power_of_2(num_heads), _block_r(delta)
+    # a pending expand holds [heads, half, rank] products: about 64 float32 a thread
+    warps = 4 if delta is None else min(16, max(4, h_pad * triton.next_power_of_2(half) * block_r // 2048))
     _qk_norm_rope_kv_kernel[(num_tokens,)](
         qkv, positions, cos, sin, q_norm_weight if has_norm else cos, k_norm_weight if has_norm else cos,
         q, k_cache, v_cache, slot_mapping, qkv.stride(0), q.stride(0), cos.stride(0), sin.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], eps,
-        H=num_heads, HKV=num_kv_heads, H_PAD=triton.next_power_of_2(num_heads),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], eps, *_delta_args(delta, qkv),
+        H=num_heads, HKV=num_kv_heads, H_PAD=h_pad,
         HKV_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        BS=k_cache.shape[1], HAS_NORM=has_norm, num_warps=4, enable_fp_fusion=False,
+        BS=k_cache.shape[1], HAS_NORM=has_norm, HAS_DELTA=delta is not None, BLOCK_R=block_r,
+        num_warps=warps, enable_fp_fusion=False,
     )
     return q

@@ -34,7 +34,7 @@ from .lora_plan import LoRAPlan, LoRATiles, plan
 Backend = Literal["auto", "triton", "torch"]
 Kind = Literal["auto", "sgmv", "bgmv"]
 
-__all__ = ["LoRABatchMeta", "LoRAPlan", "LoRATiles", "add_lora", "bgmv_expand", "bgmv_shrink", "expand",
+__all__ = ["LoRABatchMeta", "LoRADelta", "LoRAPlan", "LoRAShrink", "LoRATiles", "add_lora", "bgmv_expand", "bgmv_shrink", "expand",
            "fused_lora", "lora_buffer", "plan", "route", "sgmv_expand", "sgmv_shrink", "shrink", "use_bgmv",
            "warmup"]
 
@@ -124,6 +124,23 @@ class LoRADelta:
         out = y.clone()
         _ops(out, backend).bgmv_expand(out, self.h, self.lora_b, self.scales, self.out_slices, self.token_slots)
         return out
+
+
+@dataclass
+class LoRAShrink:
+    """A BGMV shrink computed early, by the op that makes the layer's input (``fused.rms_norm``,
+    ``fused.silu_and_mul``: one launch fewer per LoRA layer): h[t] = lora_a[s] @ x[t] per token t of
+    slot s = token_slots[t] >= 0, over the producer's output x as stored. The producer sets ``h``
+    ([P, T, N] float32 partial sums, or [T, N]; base rows undefined); the layer's expand reads it."""
+
+    lora_a: Tensor  # [S, N, H_in]
+    token_slots: Tensor  # [>=T] int32
+    h: Tensor | None = None
+
+    def run(self, x: Tensor, backend: Backend = "auto") -> Tensor:
+        """The producer's part on a path without a fused kernel (the torch twins): shrink x now."""
+        self.h = _ops(x, backend).bgmv_shrink(x, self.lora_a, self.token_slots)
+        return self.h
 
 
 def _host_slots(token_slots: Sequence[int] | Tensor | np.ndarray) -> np.ndarray:

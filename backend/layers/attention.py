@@ -2,7 +2,7 @@
 write) and attention over the paged cache.
 
 It owns the layer's cache views and the kernel choice; model files hand it the fused
-q/k/v projection. On CUDA the prologue is one Triton launch and attention reads the
+q/k/v projection (and that projection's LoRA expand, when it was left to the prologue). On CUDA the prologue is one Triton launch and attention reads the
 cache in place; elsewhere both run as their torch twins. The step's metadata (block
 tables, lengths) comes from the forward context that the runner sets.
 """
@@ -16,6 +16,7 @@ from loraplex.backend.layers.basic import RotaryEmbedding
 from loraplex.backend.layers.context import get_context
 from loraplex.kernels.attention import paged_attention, warm_up
 from loraplex.kernels.fused import qk_norm_rope_write_kv
+from loraplex.kernels.lora import LoRADelta
 
 
 class PagedAttention(nn.Module):
@@ -39,13 +40,16 @@ class PagedAttention(nn.Module):
         warm_up(self.num_heads, self.k_cache, self.v_cache, self.scale, self.sliding_window)
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor,
-                qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """qkv: [T, (H + 2 Hkv) * D]; qk_norm: per-head RMSNorm weights of q and k (Qwen3) -> [T, H * D]."""
+                qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None, delta: LoRADelta | None = None
+                ) -> torch.Tensor:
+        """qkv: [T, (H + 2 Hkv) * D]; qk_norm: per-head RMSNorm weights of q and k (Qwen3); delta: the
+        qkv projection's LoRA expand, left to the prologue (``LoRALinear.forward_deferred``) -> [T, H * D]."""
         meta = get_context().attn
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not allocated"
         q_w, k_w = qk_norm if qk_norm is not None else (None, None)
         q = qk_norm_rope_write_kv(qkv, positions, self.rope.cos, self.rope.sin, self.k_cache, self.v_cache,
-                                  meta.slot_mapping, self.num_heads, self.num_kv_heads, q_w, k_w, self.norm_eps)
+                                  meta.slot_mapping, self.num_heads, self.num_kv_heads, q_w, k_w, self.norm_eps,
+                                  delta=delta)
         mask = None
         if self.k_cache.device.type != "cuda":  # the torch reference path shares one mask per step
             mask = meta.mask(self.sliding_window, self.k_cache.shape[1])

@@ -12,7 +12,7 @@ from loraplex.kernels import fused
 from loraplex.kernels.gemv import skinny_linear
 
 if TYPE_CHECKING:
-    from loraplex.kernels.lora import LoRADelta
+    from loraplex.kernels.lora import LoRADelta, LoRAShrink
 
 
 class RMSNorm(nn.Module):
@@ -21,16 +21,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fused.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, shrink: LoRAShrink | None = None) -> torch.Tensor:
+        """norm(x); ``shrink``: the LoRA shrink of the projection that reads the result, computed in the
+        same kernel (``LoRALinear.early_shrink``)."""
+        out = fused.rms_norm(x, self.weight, self.eps, shrink=shrink)
         assert isinstance(out, torch.Tensor)
         return out
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, delta: LoRADelta | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, delta: LoRADelta | None = None,
+                 shrink: LoRAShrink | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual), one fused kernel on CUDA; ``delta``: the pending LoRA
-        expand of the projection that made x, added to x first (in the same kernel)."""
-        out = fused.rms_norm(x, self.weight, self.eps, residual, delta=delta)
+        expand of the projection that made x, added to x first (in the same kernel); ``shrink`` as in
+        forward."""
+        out = fused.rms_norm(x, self.weight, self.eps, residual, delta=delta, shrink=shrink)
         assert isinstance(out, tuple)
         return out
 
@@ -43,8 +46,9 @@ class Linear(nn.Linear):
         return skinny_linear(x, self.weight, self.bias)
 
 
-def silu_and_mul(gate_up: torch.Tensor, delta: LoRADelta | None = None) -> torch.Tensor:
-    return fused.silu_and_mul(gate_up, delta=delta)
+def silu_and_mul(gate_up: torch.Tensor, delta: LoRADelta | None = None,
+                 shrink: LoRAShrink | None = None) -> torch.Tensor:
+    return fused.silu_and_mul(gate_up, delta=delta, shrink=shrink)
 
 
 class RotaryEmbedding(nn.Module):

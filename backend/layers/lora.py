@@ -20,6 +20,7 @@ from loraplex.kernels.gemv import skinny_linear
 from loraplex.kernels.lora import (
     LoRABatchMeta,
     LoRADelta,
+    LoRAShrink,
     LoRATiles,
     expand,
     fused_lora,
@@ -53,6 +54,10 @@ class LoRALinear(nn.Module):
     # forward_deferred may leave a BGMV expand (decode, small steps) to the op that consumes the output
     # (the residual-add RMSNorm, SiLU-and-mul): a launch fewer per LoRA layer. Benches switch it off to compare.
     defer_expand: ClassVar[bool] = True
+    # early_shrink hands a BGMV shrink (decode, small steps) to the op that makes the layer's input (the RMSNorm
+    # before qkv and gate_up, SiLU-and-mul before down): a launch fewer per LoRA layer, and no side-stream fork.
+    # Benches switch it off to compare.
+    shrink_early: ClassVar[bool] = True
     _warmed: ClassVar[set[tuple]] = set()
     _side_streams: ClassVar[dict[torch.device, torch.cuda.Stream]] = {}
 
@@ -90,11 +95,29 @@ class LoRALinear(nn.Module):
             with torch.inference_mode():
                 warmup(lora_a, lora_b, scales, self.out_slices, fused=fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def early_shrink(self) -> LoRAShrink | None:
+        """The shrink of this layer's next forward, for the op that makes its input to compute
+        (``fused.rms_norm``, ``fused.silu_and_mul``), then to hand back as ``forward(x, shrunk)``:
+        when that forward takes the BGMV route in a two-kernel mode; else None (the layer shrinks)."""
+        meta = get_context().lora
+        if not self.shrink_early or meta is None or self.lora_a is None or meta.no_lora or self.mode == "fused":
+            return None
+        assert self.lora_b is not None
+        if route(meta, self.lora_a, self.lora_b.shape[2]) is not None:
+            return None
+        return LoRAShrink(self.lora_a, meta.token_slots)
+
+    def forward(self, x: torch.Tensor, shrunk: LoRAShrink | None = None) -> torch.Tensor:
+        """y = x W^T (+ bias) + each token's LoRA delta; shrunk: this step's shrink of x from
+        ``early_shrink``, already computed by x's producer."""
         meta = get_context().lora
         if meta is None or self.lora_a is None or meta.no_lora:
             return skinny_linear(x, self.weight, self.bias)  # F.linear, or the skinny GEMM where faster
         assert self.lora_b is not None and self.lora_scales is not None
+        if shrunk is not None and shrunk.h is not None:  # the BGMV route (early_shrink)
+            y = skinny_linear(x, self.weight, self.bias)
+            expand(y, shrunk.h, self.lora_b, self.lora_scales, self.out_slices, meta, None)
+            return y
         tiles = route(meta, self.lora_a, self.lora_b.shape[2])  # add_lora's path (shapes checked in set_lora)
         mode = self.mode
         if mode == "overlap" and x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -107,16 +130,20 @@ class LoRALinear(nn.Module):
                    tiles)
         return y
 
-    def forward_deferred(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
+    def forward_deferred(self, x: torch.Tensor, shrunk: LoRAShrink | None = None
+                         ) -> tuple[torch.Tensor, LoRADelta | None]:
         """(y without its LoRA delta, the delta) when the expand can wait for the consumer's kernel (a
         BGMV route, two-kernel modes, no forward hooks such as tensor parallelism's all-reduce, which
-        must see the whole output); else (forward(x), None). On CPU the consumer's torch twin applies
-        the delta with the same expand, so CPU tests run this path too."""
+        must see the whole output); else (forward(x, shrunk), None). On CPU the consumer's torch twin
+        applies the delta with the same expand, so CPU tests run this path too."""
         meta = get_context().lora
         if (not self.defer_expand or meta is None or self.lora_a is None or meta.no_lora
                 or self.mode == "fused" or self._forward_hooks):
-            return self(x), None
+            return self(x, shrunk), None
         assert self.lora_b is not None and self.lora_scales is not None
+        if shrunk is not None and shrunk.h is not None:  # the BGMV route (early_shrink)
+            y = skinny_linear(x, self.weight, self.bias)
+            return y, LoRADelta(shrunk.h, self.lora_b, self.lora_scales, self.out_slices, meta.token_slots)
         if route(meta, self.lora_a, self.lora_b.shape[2]) is not None:  # SGMV: expand in place
             return self(x), None
         if self.mode == "overlap" and x.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -17,7 +17,7 @@ from torch import nn
 from loraplex.backend.layers.attention import PagedAttention
 from loraplex.backend.layers.basic import Linear, RMSNorm, RotaryEmbedding, build_rope, silu_and_mul
 from loraplex.backend.layers.lora import LoRALinear
-from loraplex.kernels.lora import LoRADelta
+from loraplex.kernels.lora import LoRADelta, LoRAShrink
 from loraplex.lora.peft import projection_shapes
 from loraplex.lora.types import PACKED_MODULES
 
@@ -69,12 +69,15 @@ class Attention(nn.Module):
         self.attn = PagedAttention(spec.num_heads, spec.num_kv_heads, spec.head_dim, rope, spec.sliding_window,
                                    spec.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
-        """-> (o_proj's output, its LoRA expand left to the next norm, or None)."""
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, shrunk: LoRAShrink | None = None
+                ) -> tuple[torch.Tensor, LoRADelta | None]:
+        """shrunk: qkv_proj's LoRA shrink of x, made by the norm that made x (or None) -> (o_proj's
+        output, its LoRA expand left to the next norm, or None)."""
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight)
-        return self.o_proj.forward_deferred(self.attn(positions, self.qkv_proj(x), qk_norm))
+        qkv, delta = self.qkv_proj.forward_deferred(x, shrunk)  # the expand runs in the attention prologue
+        return self.o_proj.forward_deferred(self.attn(positions, qkv, qk_norm, delta))
 
 
 class MLP(nn.Module):
@@ -83,10 +86,13 @@ class MLP(nn.Module):
         self.gate_up_proj = LoRALinear(spec.hidden_size, (spec.intermediate_size, spec.intermediate_size))
         self.down_proj = LoRALinear(spec.intermediate_size, (spec.hidden_size,))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LoRADelta | None]:
-        """-> (down_proj's output, its LoRA expand left to the next norm, or None); gate_up's expand
-        runs inside SiLU-and-mul."""
-        return self.down_proj.forward_deferred(silu_and_mul(*self.gate_up_proj.forward_deferred(x)))
+    def forward(self, x: torch.Tensor, shrunk: LoRAShrink | None = None) -> tuple[torch.Tensor, LoRADelta | None]:
+        """shrunk: gate_up's LoRA shrink of x, made by the norm that made x (or None) -> (down_proj's
+        output, its LoRA expand left to the next norm, or None); gate_up's expand runs inside SiLU-and-mul,
+        and so does down's shrink."""
+        down_shrink = self.down_proj.early_shrink()
+        act = silu_and_mul(*self.gate_up_proj.forward_deferred(x, shrunk), shrink=down_shrink)
+        return self.down_proj.forward_deferred(act, down_shrink)
 
 
 class DecoderLayer(nn.Module):
@@ -101,13 +107,15 @@ class DecoderLayer(nn.Module):
                 delta: LoRADelta | None = None) -> tuple[torch.Tensor, torch.Tensor, LoRADelta | None]:
         """h: this layer's input less ``residual`` (None at the first layer) and ``delta`` (the previous
         layer's pending LoRA expand) -> (mlp output, residual, this layer's pending expand)."""
+        qkv_shrink = self.self_attn.qkv_proj.early_shrink()  # the norms also shrink for the projections
         if residual is None:
-            h, residual = self.input_layernorm(h), h
+            h, residual = self.input_layernorm(h, qkv_shrink), h
         else:
-            h, residual = self.input_layernorm.add_norm(h, residual, delta)
-        h, delta = self.self_attn(positions, h)
-        h, residual = self.post_attention_layernorm.add_norm(h, residual, delta)
-        h, delta = self.mlp(h)
+            h, residual = self.input_layernorm.add_norm(h, residual, delta, qkv_shrink)
+        h, delta = self.self_attn(positions, h, qkv_shrink)
+        gate_up_shrink = self.mlp.gate_up_proj.early_shrink()
+        h, residual = self.post_attention_layernorm.add_norm(h, residual, delta, gate_up_shrink)
+        h, delta = self.mlp(h, gate_up_shrink)
         return h, residual, delta
 
 

@@ -173,3 +173,99 @@ def test_norm_and_silu_apply_a_pending_lora_expand(dtype, partials):
     ref = silu_and_mul(delta.applied(gate_up, backend="torch"), backend="torch")
     close(silu_and_mul(gate_up, backend="triton", delta=delta), ref)
     close(silu_and_mul(gate_up, backend="torch", delta=delta), ref)
+
+
+def make_shrink(tokens: int, n: int, dim: int, dtype: torch.dtype):
+    """An early shrink over 3 slots (N = n columns of A, the last rows zero as a lower rank leaves
+    them), token 1 on no adapter."""
+    from loraplex.kernels.lora import LoRAShrink
+
+    a = rand(3, n, dim, dtype=dtype, seed=13) * 0.1
+    a[:, n - 4:] = 0
+    slots = torch.tensor([(2 * t) % 3 if t != 1 else -1 for t in range(tokens)], dtype=torch.int32, device=DEVICE)
+    return LoRAShrink(a, slots)
+
+
+def shrunk(shrink) -> torch.Tensor:
+    """The early shrink's result summed over its partials, on the LoRA rows (base rows are left undefined)."""
+    h = shrink.h if shrink.h.dim() == 2 else shrink.h.sum(0)
+    return h[shrink.token_slots >= 0]
+
+
+def check_early_shrinks(tokens: int, dim: int, inter: int, n: int, dtype: torch.dtype) -> None:
+    """RMSNorm (with and without the residual and a pending expand) and SiLU-and-mul computing the next
+    layer's shrink, on the Triton path and the torch twins, against the BGMV shrink's torch twin over
+    their output; the output itself unchanged."""
+    from loraplex.kernels import lora_torch
+
+    def check(shrink, y):
+        want = lora_torch.bgmv_shrink(y, shrink.lora_a, shrink.token_slots)
+        rows = shrink.token_slots[:tokens] >= 0
+        torch.testing.assert_close(shrunk(shrink), want[rows], atol=1e-4 * (1 + dim // 256), rtol=1e-4)
+
+    norm = layer_norm(dim, dtype)
+    x, res = rand(tokens, dim, dtype=dtype, seed=1), rand(tokens, dim, dtype=dtype, seed=2)
+    delta = make_delta(tokens, (dim,), dtype)
+    with torch.no_grad():
+        for backend in ("triton", "torch"):
+            shrink = make_shrink(tokens, n, dim, dtype)
+            y, r = rms_norm(x, norm.weight, norm.eps, res, backend=backend, delta=delta, shrink=shrink)
+            y_ref, r_ref = rms_norm(x, norm.weight, norm.eps, res, backend="torch", delta=delta)
+            close(y, y_ref)
+            close(r, r_ref)
+            check(shrink, y)
+            y = rms_norm(x, norm.weight, norm.eps, backend=backend, shrink=shrink)
+            check(shrink, y)
+            gate_up = rand(tokens, 2 * inter, dtype=dtype, seed=3)
+            shrink = make_shrink(tokens, n, inter, dtype)
+            y = silu_and_mul(gate_up, backend=backend, shrink=shrink)
+            close(y, silu_and_mul(gate_up, backend="torch"))
+            assert shrink.h is not None and (backend == "torch" or shrink.h.shape[0] == -(-inter // 1024))
+            check(shrink, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dim", "inter", "n"), [(96, 40, 48), (64, 1500, 16)])
+def test_norm_and_silu_compute_the_next_layers_lora_shrink(dtype, dim, inter, n):
+    """inter 1500 > 1024: SiLU's column blocks write partial sums."""
+    check_early_shrinks(5, dim, inter, n, dtype)
+
+
+def check_prologue_delta(tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, qk_norm: bool,
+                         partials: int) -> None:
+    """The q/k/v projection's deferred LoRA expand inside the attention prologue (Triton, and the torch
+    twin) against the expand's torch twin applied to qkv first, then the plain prologue: q and the cache."""
+    block_size = 16
+    num_blocks = -(-tokens // block_size) + 1
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    rope = rope_layer(head_dim)
+    qkv = rand(tokens, q_size + 2 * kv_size, dtype=dtype, seed=4)
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(6))[:tokens]
+    slots = slots.to(torch.int32)
+    slots[1 % tokens] = -1
+    slots = slots.to(DEVICE)
+    weights = ((rand(head_dim, dtype=dtype, seed=5) + 1, rand(head_dim, dtype=dtype, seed=6) + 1) if qk_norm
+               else (None, None))
+    delta = make_delta(tokens, (q_size, kv_size, kv_size), dtype, partials)
+    expanded = delta.applied(qkv, backend="torch")
+    results = {}
+    with torch.no_grad():
+        for name, backend, d, x in (("ref", "torch", None, expanded), ("triton", "triton", delta, qkv),
+                                    ("twin", "torch", delta, qkv)):
+            cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+            q = qk_norm_rope_write_kv(x, positions, rope.cos, rope.sin, cache[0], cache[1], slots, heads, kv_heads,
+                                      *weights, eps=1e-6, backend=backend, delta=d)
+            results[name] = (q, cache)
+    # bf16: the expand rounds, then the norm and RoPE round again (the interpreter truncates): two apart
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-5
+    for name in ("triton", "twin"):
+        for got, want in zip(results[name], results["ref"], strict=True):
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("partials", [1, 3])
+def test_prologue_applies_the_pending_qkv_expand(dtype, qk_norm, partials):
+    check_prologue_delta(5, 4, 2, 64, dtype, qk_norm, partials)

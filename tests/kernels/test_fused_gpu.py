@@ -7,7 +7,9 @@ import torch
 from test_fused import (
     DEVICE,
     DTYPES,
+    check_early_shrinks,
     check_prologue,
+    check_prologue_delta,
     check_rms_norm,
     check_rope,
     close,
@@ -69,3 +71,13 @@ def test_gpu_cuda_graph_replay():
 @pytest.mark.parametrize("tokens", [1, 64, 4096])
 def test_qk_norm_rope_write_kv_real_shapes(tokens, heads, kv_heads, qk_norm, dtype):
     check_prologue(tokens, heads, kv_heads, 128, 16, dtype, qk_norm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dim", "inter", "heads"), [(1024, 3072, 16), (4096, 14336, 32)])
+@pytest.mark.parametrize("tokens", [2, 32, 256])
+def test_lora_inside_the_fused_ops_real_shapes(tokens, dim, inter, heads, dtype):
+    """Qwen3-0.6B and Llama-3-8B shapes: the norms' and SiLU's early shrinks (qkv's 3 x 16 columns) and
+    the prologue's q/k/v expand, as the decode steps run them."""
+    check_early_shrinks(tokens, dim, inter, 48, dtype)
+    check_prologue_delta(tokens, heads, 8, 128, dtype, heads == 16, 1)

@@ -84,6 +84,24 @@ def test_greedy_outputs_match_peft(setup, max_loras):
     assert_no_leaks(llm.engine)
 
 
+@pytest.mark.parametrize(("shrink_early", "defer_expand"), [(False, False), (False, True), (True, False)])
+def test_greedy_outputs_match_peft_with_lora_ops_in_their_layer(setup, shrink_early, defer_expand,
+                                                                 monkeypatch):
+    """The norms' early shrinks (``LoRALinear.shrink_early``) and the deferred expands switched off in
+    turn: each arrangement of the same LoRA ops gives HF + PEFT's tokens (the default, both on, is
+    test_greedy_outputs_match_peft)."""
+    from loraplex.backend.layers.lora import LoRALinear
+
+    monkeypatch.setattr(LoRALinear, "shrink_early", shrink_early)
+    monkeypatch.setattr(LoRALinear, "defer_expand", defer_expand)
+    base_dir, dirs, refs = setup
+    llm = _llm(base_dir, dirs, max_loras=4)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_NEW), adapters=ASSIGN)
+    eos = refs[None].config.eos_token_id
+    for out, prompt, name in zip(outs, PROMPTS, ASSIGN, strict=True):
+        assert out.token_ids == hf_greedy(refs[name], prompt, MAX_NEW, eos), name
+
+
 @pytest.mark.parametrize("budget", [16, 64])
 def test_step_graph_buffers_match_peft(setup, budget):
     """The captured prefill/mixed step's padded forward (token buckets, the padding sequence, the tile
