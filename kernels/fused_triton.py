@@ -18,19 +18,19 @@ if TYPE_CHECKING:
 
 @triton.jit
 def _lora_delta(x, row, cols, mask, h_off, col_off, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R: tl.constexpr):
+                s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     """x + the pending BGMV expand of token ``row`` on columns ``col_off + cols`` (its slice's h at
-    ``h_off``): scales[s] * sum_r B[s, col, r] * h[r], h summed over its P partials; the expand
-    kernel's arithmetic and rounding (lora_triton._bgmv_expand_kernel). x, cols and mask: one shape,
-    1-D or 2-D (the rank is a new last axis)."""
+    ``h_off``): scales[s] * sum_r B[s, col, r] * h[r], h summed over its P <= BLOCK_P partials (one
+    load for all of them, no chain of dependent loads); the expand kernel's arithmetic and rounding
+    (lora_triton._bgmv_expand_kernel). x, cols and mask: one shape, 1-D or 2-D (the rank is a new
+    last axis)."""
     slot = tl.load(slots_ptr + row).to(tl.int64)
     if slot >= 0:
         rs = tl.arange(0, BLOCK_R)
         r_ok = rs < R
-        h_ptrs = h_ptr + row * s_ht + (h_off + rs) * s_hn
-        h = tl.load(h_ptrs, mask=r_ok, other=0.0)
-        for p in range(1, P):
-            h += tl.load(h_ptrs + p * s_hp, mask=r_ok, other=0.0)
+        ps = tl.arange(0, BLOCK_P)
+        h = tl.sum(tl.load(h_ptr + row * s_ht + ps[:, None] * s_hp + (h_off + rs)[None, :] * s_hn,
+                           mask=(ps < P)[:, None] & r_ok[None, :], other=0.0), axis=0)
         w = tl.load(b_ptr + slot * s_bs + tl.expand_dims(col_off + cols, -1) * s_bo + rs * s_br,
                     mask=tl.expand_dims(mask, -1) & r_ok, other=0.0)
         d = tl.sum(w.to(tl.float32) * h, axis=-1) * tl.load(sc_ptr + slot)
@@ -62,6 +62,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, s_x, s_res, s_y, s_r, 
                      h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
                      g_ptr, a_ptr, gsl_ptr, s_gt, s_gn, s_as, s_an, s_ah, s_gp,
                      HAS_RES: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_P: tl.constexpr,
                      NS: tl.constexpr, BLOCK_NS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -69,7 +70,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, r_ptr, s_x, s_res, s_y, s_r, 
     x = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:
         x = _lora_delta(x, row, cols, mask, 0, 0, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R, BLOCK_P)
     if HAS_RES:
         res = tl.load(res_ptr + row * s_res + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + res.to(tl.float32)).to(r_ptr.dtype.element_ty)
@@ -101,6 +102,15 @@ def _delta_args(delta: LoRADelta | None, fallback: torch.Tensor) -> tuple:
 
 def _block_r(delta: LoRADelta | None) -> int:
     return 1 if delta is None else max(4, triton.next_power_of_2(delta.lora_b.shape[2]))
+
+
+def _block_p(delta: LoRADelta | None) -> int:
+    """Partials a pending expand loads at once: at least 8, so that the shrink's split (which follows the
+    token count, up to lora.PARTIALS) never compiles another variant; more for SiLU's early shrink of a
+    wide MLP (one partial per 1024 columns)."""
+    if delta is None:
+        return 1
+    return max(8, triton.next_power_of_2(delta.h.shape[0] if delta.h.dim() == 3 else 1))
 
 
 def _shrink_args(shrink: LoRAShrink | None, rows: int, partials: int, block: int, warps: int,
@@ -135,6 +145,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             x2, res2, weight, y, r, x2.stride(0), res2.stride(0), y.stride(0), r.stride(0), n, eps,
             *_delta_args(delta, x2), *shrink_args,
             HAS_RES=residual is not None, HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta),
+            BLOCK_P=_block_p(delta),
             **shrink_consts, num_warps=warps,
         )
     y = y.view(*x.shape[:-1], n)
@@ -145,7 +156,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER,
                          h_ptr, b_ptr, sc_ptr, slots_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
                          g_ptr, a_ptr, gsl_ptr, s_gt, s_gn, s_as, s_an, s_ah, s_gp,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                          NS: tl.constexpr, BLOCK_NS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -154,9 +165,9 @@ def _silu_and_mul_kernel(x_ptr, y_ptr, s_x, s_y, INTER,
     up = tl.load(x_ptr + row * s_x + INTER + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # slice 0 (gate) is h[:R] through B's first INTER rows, slice 1 (up) h[R:2R] the rest
         gate = _lora_delta(gate, row, cols, mask, 0, 0, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                           s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+                           s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R, BLOCK_P)
         up = _lora_delta(up, row, cols, mask, R, INTER, h_ptr, b_ptr, sc_ptr, slots_ptr, P, R,
-                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R, BLOCK_P)
     gf = gate.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
     y = (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
@@ -176,7 +187,7 @@ def silu_and_mul(x: torch.Tensor, delta: LoRADelta | None = None, shrink: LoRASh
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], blocks)](
             x2, y, x2.stride(0), y.stride(0), inter, *_delta_args(delta, x2), *shrink_args,
-            HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta),
+            HAS_DELTA=delta is not None, BLOCK=block, BLOCK_R=_block_r(delta), BLOCK_P=_block_p(delta),
             **shrink_consts, num_warps=4,
         )
     return y.view(*x.shape[:-1], inter)
@@ -234,7 +245,8 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 def _norm_rope_heads(src_ptr, col0, dst_ptr, s_dst_h, w_ptr, eps, c1, c2, s1, s2, dst_slot, t, h_off,
                      lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
                      HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                     HAS_NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr):
+                     HAS_NORM: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_P: tl.constexpr):
     """Heads [HEADS, 2*HALF] at src + col0 (contiguous heads): the pending LoRA expand (its slice's h at
     h_off), optional per-head RMSNorm, RoPE, store at dst."""
     h = tl.arange(0, H_PAD)[:, None]
@@ -245,9 +257,9 @@ def _norm_rope_heads(src_ptr, col0, dst_ptr, s_dst_h, w_ptr, eps, c1, c2, s1, s2
     x2 = tl.load(src_ptr + cols + HALF, mask=mask, other=0.0)
     if HAS_DELTA:
         x1 = _lora_delta(x1, t, cols, mask, h_off, 0, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R,
-                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R, BLOCK_P)
         x2 = _lora_delta(x2, t, cols + HALF, mask, h_off, 0, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R,
-                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+                         s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R, BLOCK_P)
     f1 = x1.to(tl.float32)
     f2 = x2.to(tl.float32)
     if HAS_NORM:  # rounded to x's dtype, then times the weight, as RMSNorm does
@@ -269,7 +281,7 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
                             lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
                             H: tl.constexpr, HKV: tl.constexpr, H_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
                             HALF: tl.constexpr, HALF_PAD: tl.constexpr, BS: tl.constexpr, HAS_NORM: tl.constexpr,
-                            HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     p = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slots_ptr + t).to(tl.int64)
@@ -282,12 +294,12 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
     row = qkv_ptr + t * s_qkv
     _norm_rope_heads(row, 0, q_ptr + t * s_q, 2 * HALF, qw_ptr, eps, c1, c2, s1, s2, t, t, 0,
                      lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
-                     H, H_PAD, HALF, HALF_PAD, HAS_NORM, HAS_DELTA, BLOCK_R)
+                     H, H_PAD, HALF, HALF_PAD, HAS_NORM, HAS_DELTA, BLOCK_R, BLOCK_P)
     blk = tl.maximum(slot, 0) // BS
     off = tl.maximum(slot, 0) % BS
     _norm_rope_heads(row, H * 2 * HALF, kc_ptr + blk * s_cn + off * s_cb, s_ch, kw_ptr, eps, c1, c2, s1, s2,
                      slot, t, R, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R, s_hp, s_ht, s_hn, s_bs, s_bo, s_br,
-                     HKV, HKV_PAD, HALF, HALF_PAD, HAS_NORM, HAS_DELTA, BLOCK_R)
+                     HKV, HKV_PAD, HALF, HALF_PAD, HAS_NORM, HAS_DELTA, BLOCK_R, BLOCK_P)
     h = tl.arange(0, HKV_PAD)[:, None]
     dv = tl.arange(0, 2 * HALF_PAD)[None, :]
     vmask = (h < HKV) & (dv < 2 * HALF)
@@ -295,7 +307,7 @@ def _qk_norm_rope_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, 
     v = tl.load(row + cols, mask=vmask, other=0.0)
     if HAS_DELTA:
         v = _lora_delta(v, t, cols, vmask, 2 * R, 0, lh_ptr, lb_ptr, lsc_ptr, lsl_ptr, P, R,
-                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R)
+                        s_hp, s_ht, s_hn, s_bs, s_bo, s_br, BLOCK_R, BLOCK_P)
     vmask = vmask & ((tl.zeros([HKV_PAD, 2 * HALF_PAD], tl.int64) + slot) >= 0)
     tl.store(vc_ptr + blk * s_dn + off * s_db + h * s_dh + dv, v.to(vc_ptr.dtype.element_ty), mask=vmask)
 
@@ -325,6 +337,7 @@ def qk_norm_rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch
         H=num_heads, HKV=num_kv_heads, H_PAD=h_pad,
         HKV_PAD=triton.next_power_of_2(num_kv_heads), HALF=half, HALF_PAD=triton.next_power_of_2(half),
         BS=k_cache.shape[1], HAS_NORM=has_norm, HAS_DELTA=delta is not None, BLOCK_R=block_r,
+        BLOCK_P=_block_p(delta),
         num_warps=warps, enable_fp_fusion=False,
     )
     return q

@@ -152,7 +152,7 @@ def make_delta(tokens: int, out_slices: tuple[int, ...], dtype: torch.dtype, par
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("partials", [1, 3])
+@pytest.mark.parametrize("partials", [1, 3, 14])  # 14: SiLU's early shrink of Llama-3-8B's MLP
 def test_norm_and_silu_apply_a_pending_lora_expand(dtype, partials):
     """The deferred expand inside the residual-add RMSNorm and SiLU-and-mul equals the expand kernel's
     torch twin applied first (rounded to the dtype where the expand rounds), then the plain op."""
@@ -171,7 +171,10 @@ def test_norm_and_silu_apply_a_pending_lora_expand(dtype, partials):
     gate_up = rand(tokens, 2 * inter, dtype=dtype, seed=3)
     delta = make_delta(tokens, (inter, inter), dtype, partials)
     ref = silu_and_mul(delta.applied(gate_up, backend="torch"), backend="torch")
-    close(silu_and_mul(gate_up, backend="triton", delta=delta), ref)
+    # bf16: the expand rounds gate (the interpreter truncates), the product scales that by up: two apart
+    tol = 4e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(silu_and_mul(gate_up, backend="triton", delta=delta).float(), ref.float(),
+                               atol=tol, rtol=tol)
     close(silu_and_mul(gate_up, backend="torch", delta=delta), ref)
 
 
